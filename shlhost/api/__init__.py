@@ -1,0 +1,1 @@
+"""HTTP blueprints: the SHL data plane, the management API and (later) FHIR operations."""

@@ -1,0 +1,49 @@
+"""Per-request plumbing: the database session, the services, the clock, bearer tokens."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from sqlalchemy.orm import Session
+
+from shlhost import Runtime
+from shlhost.shl.links import LinkService
+
+
+def runtime() -> Runtime:
+    rt: Runtime = current_app.extensions["shlhost"]
+    return rt
+
+
+def db() -> Session:
+    if "db" not in g:
+        g.db = runtime().sessions()
+    session: Session = g.db
+    return session
+
+
+def links() -> LinkService:
+    rt = runtime()
+    return LinkService(db(), rt.blobs, rt.links)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def init_app(app: Flask) -> None:
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        session: Any = g.pop("db", None)
+        if session is not None:
+            session.close()

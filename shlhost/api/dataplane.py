@@ -1,0 +1,64 @@
+"""The SMART Health Links data plane, exactly as the spec says.
+
+``POST /shl/<id>`` manifest, ``GET /shl/<id>?recipient=`` for U links,
+``GET /shl/<id>/files/<file>?ticket=`` for location URLs. Every answer, errors included,
+carries ``Access-Control-Allow-Origin: *``; OPTIONS preflights are answered.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response, jsonify, request
+
+from shlhost.api import limits
+from shlhost.api.common import links, now
+from shlhost.errors import BadRequest
+
+bp = Blueprint("shl", __name__, url_prefix="/shl")
+JOSE = "application/jose"
+
+
+@bp.post("/<link_id>")
+@limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
+def manifest(link_id: str) -> Response:
+    body = request.get_json(silent=True, force=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the manifest request body must be a JSON object", code="invalid_json")
+    answer = links().manifest(
+        link_id,
+        recipient=body.get("recipient"),
+        passcode=body.get("passcode"),
+        embedded_max=body.get("embeddedLengthMax"),
+        now=now(),
+    )
+    return jsonify(answer)
+
+
+@bp.get("/<link_id>")
+@limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
+def direct(link_id: str) -> Response:
+    token = links().direct(link_id, recipient=request.args.get("recipient"), now=now())
+    return Response(token, mimetype=JOSE)
+
+
+@bp.get("/<link_id>/files/<file_id>")
+def file(link_id: str, file_id: str) -> Response:
+    token = links().fetch_file(link_id, file_id, request.args.get("ticket"), now=now())
+    return Response(token, mimetype=JOSE)
+
+
+def add_cors(resp: Response) -> Response:
+    if request.path.startswith("/shl/"):
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        resp.headers["Access-Control-Max-Age"] = "86400"
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def init_app(app: Flask) -> None:
+    limits.init_app(app)
+    app.register_blueprint(bp)
+    # App-wide so it also covers 404/405 answers that never reach the blueprint.
+    app.after_request(add_cors)

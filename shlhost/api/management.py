@@ -1,0 +1,197 @@
+"""shlhost's management API: create links from uploads, then inspect, change and revoke them.
+
+Every route below ``/api/links/<id>`` takes ``Authorization: Bearer <management token>``;
+a wrong token answers the same 404 as a link that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
+
+from shlhost import qr
+from shlhost.api.common import bearer_token, links, now
+from shlhost.errors import BadRequest, Conflict, UnsupportedMediaType
+from shlhost.phr.formats import prepare_json, prepare_upload
+from shlhost.shl.links import EncryptedFile, LinkOptions, LinkService, NewFile, parse_exp
+from shlhost.storage.models import Link
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+OPTION_FIELDS = ("label", "passcode", "exp", "flags", "max_uses")
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _files_from_json(items: Any) -> list[NewFile]:
+    if not isinstance(items, list):
+        raise BadRequest("files must be a list", code="invalid_files")
+    files: list[NewFile] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("contentType"), str):
+            raise BadRequest(f"files[{index}] needs a contentType", code="invalid_files")
+        has_content, has_jwe = "content" in item, "jwe" in item
+        if has_content == has_jwe:
+            raise BadRequest(f"files[{index}] needs exactly one of content or jwe", code="invalid_files")
+        if has_jwe:
+            if not isinstance(item["jwe"], str):
+                raise BadRequest(f"files[{index}].jwe must be a compact JWE string", code="invalid_jwe")
+            files.append(EncryptedFile(item["contentType"], item["jwe"]))
+        else:
+            files.append(prepare_json(item["contentType"], item["content"]))
+    return files
+
+
+def _files_from_form() -> list[NewFile]:
+    password = request.form.get("sphr_password") or None
+    limit = int(current_app.config["MAX_CONTENT_LENGTH"])
+    files: list[NewFile] = []
+    for upload in request.files.getlist("file"):
+        data = upload.read()
+        files.append(prepare_upload(upload.filename or "", data, password=password, max_size=limit))
+    return files
+
+
+def _read_request() -> tuple[list[NewFile], dict[str, Any]]:
+    """Files and options from a multipart form or a JSON body."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        options = {name: request.form.get(name) for name in OPTION_FIELDS if name in request.form}
+        return _files_from_form(), options
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        body = _json_body()
+        options = {name: body.get(name) for name in OPTION_FIELDS if name in body}
+        return _files_from_json(body.get("files")), options
+    raise UnsupportedMediaType("send multipart/form-data or application/json",
+                               code="unsupported_media_type")
+
+
+def _options(raw: dict[str, Any]) -> LinkOptions:
+    flags = raw.get("flags") or ""
+    if not isinstance(flags, str):
+        raise BadRequest("flags must be a string such as 'L' or 'LU'", code="invalid_flags")
+    return LinkOptions(
+        label=raw.get("label"),
+        passcode=raw.get("passcode"),
+        exp=parse_exp(raw.get("exp"), now()),
+        flags=flags,
+        max_uses=raw.get("max_uses"),
+    )
+
+
+def _qr_urls(link_id: str) -> dict[str, str]:
+    return {
+        "png": url_for("api.qr_png", link_id=link_id, _external=False),
+        "svg": url_for("api.qr_svg", link_id=link_id, _external=False),
+    }
+
+
+@bp.post("/links")
+def create_link() -> tuple[Response, int]:
+    files, raw = _read_request()
+    service = links()
+    created = service.create(files, _options(raw), now=now())
+    link = created.link
+    answer = service.describe(link, now())
+    answer.update({"management_token": created.management_token, "qr": _qr_urls(link.id)})
+    answer.setdefault("shlink", None)
+    answer.setdefault("viewer_url", None)
+    if answer["shlink"] is None:
+        answer["message"] = "The server never saw the key: add it to the link yourself."
+    resp = jsonify(answer)
+    resp.headers["Location"] = url_for("api.get_link", link_id=link.id)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp, 201
+
+
+def _owned(link_id: str) -> tuple[LinkService, Link]:
+    service = links()
+    return service, service.owned(link_id, bearer_token())
+
+
+@bp.get("/links/<link_id>")
+def get_link(link_id: str) -> Response:
+    service, link = _owned(link_id)
+    resp = jsonify({**service.describe(link, now()), "qr": _qr_urls(link.id)})
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.patch("/links/<link_id>")
+def patch_link(link_id: str) -> Response:
+    service, link = _owned(link_id)
+    service.update(link, _json_body(), now=now())
+    return jsonify(service.describe(link, now()))
+
+
+@bp.delete("/links/<link_id>")
+def revoke_link(link_id: str) -> tuple[str, int]:
+    service, link = _owned(link_id)
+    service.revoke(link, now=now())
+    return "", 204
+
+
+@bp.post("/links/<link_id>/files")
+def add_files(link_id: str) -> tuple[Response, int]:
+    service, link = _owned(link_id)
+    files, _options_ignored = _read_request()
+    service.add_files(link, files, now=now())
+    return jsonify(service.describe(link, now())), 201
+
+
+@bp.put("/links/<link_id>/files/<file_id>")
+def replace_file(link_id: str, file_id: str) -> Response:
+    service, link = _owned(link_id)
+    files, _options_ignored = _read_request()
+    if len(files) != 1:
+        raise BadRequest("send exactly one file", code="invalid_files")
+    service.replace_file(link, file_id, files[0], now=now())
+    return jsonify(service.describe(link, now()))
+
+
+@bp.delete("/links/<link_id>/files/<file_id>")
+def delete_file(link_id: str, file_id: str) -> tuple[str, int]:
+    service, link = _owned(link_id)
+    service.delete_file(link, file_id, now=now())
+    return "", 204
+
+
+@bp.get("/links/<link_id>/accesses")
+def accesses(link_id: str) -> Response:
+    service, link = _owned(link_id)
+    return jsonify({"accesses": service.accesses(link)})
+
+
+def _qr_text(link_id: str) -> str:
+    service, link = _owned(link_id)
+    text = service.shlink(link, viewer=request.args.get("viewer", "0") in ("1", "true", "yes"))
+    if text is None:
+        raise Conflict(
+            "the server does not hold this link's key (pre-encrypted or revoked), so it cannot draw it",
+            code="no_key",
+        )
+    return text
+
+
+@bp.get("/links/<link_id>/qr.png")
+def qr_png(link_id: str) -> Response:
+    resp = Response(qr.png(_qr_text(link_id)), mimetype="image/png")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@bp.get("/links/<link_id>/qr.svg")
+def qr_svg(link_id: str) -> Response:
+    resp = Response(qr.svg(_qr_text(link_id), title="SMART Health Link"), mimetype="image/svg+xml")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)

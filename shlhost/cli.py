@@ -1,0 +1,210 @@
+"""The ``shlhost`` command: serve, init, db upgrade, and link create/list/show/revoke/qr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+import click
+from flask import Flask, current_app
+from flask.cli import FlaskGroup, with_appcontext
+
+from shlhost import Runtime, create_app, qr
+from shlhost.config import write_instance_config
+from shlhost.errors import ShlhostError
+from shlhost.phr.formats import prepare_upload
+from shlhost.shl.links import LinkOptions, LinkService, parse_exp
+from shlhost.storage import migrate
+from shlhost.storage.models import Link
+
+
+def _factory() -> Flask:
+    return create_app()
+
+
+@click.group(cls=FlaskGroup, create_app=_factory, add_version_option=False)
+def cli() -> None:
+    """shlhost: host and share SMART Health Links."""
+
+
+def instance_path() -> str:
+    explicit = os.environ.get("SHLHOST_INSTANCE_PATH")
+    return os.path.abspath(explicit) if explicit else Flask("shlhost").instance_path
+
+
+def _runtime() -> Runtime:
+    rt: Runtime = current_app.extensions["shlhost"]
+    return rt
+
+
+@contextmanager
+def _service() -> Iterator[LinkService]:
+    rt = _runtime()
+    session = rt.sessions()
+    try:
+        yield LinkService(session, rt.blobs, rt.links)
+    finally:
+        session.close()
+
+
+def _fail(exc: ShlhostError) -> None:
+    click.echo(f"error: {exc.message}", err=True)
+    sys.exit(2)
+
+
+@cli.command()
+def init() -> None:
+    """Write instance/config.py with fresh random secrets (once; never overwrites)."""
+    written = write_instance_config(instance_path())
+    if written:
+        click.echo(f"wrote {written} (mode 0600): keep it secret, back it up with the database")
+    else:
+        click.echo("instance/config.py already exists; left as it is")
+
+
+@cli.command()
+@click.option("--host", default=lambda: os.environ.get("SHLHOST_HOST", "127.0.0.1"), show_default="127.0.0.1")
+@click.option("--port", default=lambda: int(os.environ.get("SHLHOST_PORT", "5000")), show_default="5000",
+              type=int)
+@click.option("--workers", type=int, default=None, help="gunicorn worker processes (default: from gunicorn.conf)")
+@click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn")
+def serve(host: str, port: int, workers: int | None, dev: bool) -> None:
+    """Run the service: fresh secrets on first run, database migrations, then gunicorn."""
+    if "SHLHOST_SECRET_KEY" not in os.environ:
+        written = write_instance_config(instance_path())
+        if written:
+            click.echo(f"first run: wrote fresh secrets to {written}")
+    app = create_app()
+    migrate.upgrade(app.extensions["shlhost"].engine)
+    click.echo(f"shlhost on http://{host}:{port}/ (database migrated)")
+    if dev:
+        app.run(host=host, port=port)
+        return
+    conf = Path(__file__).with_name("gunicorn_conf.py")
+    args = ["gunicorn", "-c", str(conf), "-b", f"{host}:{port}"]
+    if workers:
+        args += ["-w", str(workers)]
+    os.execvp(sys.executable, [sys.executable, "-m", *args, "shlhost.wsgi:app"])  # noqa: S606
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@with_appcontext
+def db_upgrade() -> None:
+    """Apply every migration not yet applied (a deploy step; never done by the app itself)."""
+    engine = _runtime().engine
+    migrate.upgrade(engine)
+    click.echo(f"database at revision {migrate.current(engine)}")
+
+
+@db.command("current")
+@with_appcontext
+def db_current() -> None:
+    click.echo(migrate.current(_runtime().engine) or "(empty)")
+
+
+@cli.group()
+def link() -> None:
+    """Create, list, show, revoke links and draw their QR codes (operator commands)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@link.command("create")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--label", help="at most 80 characters")
+@click.option("--passcode", help="the recipient must type it (flag P)")
+@click.option("--passcode-stdin", is_flag=True, help="read the passcode from standard input")
+@click.option("--exp", help="expiry: epoch seconds or ISO 8601")
+@click.option("--flags", default="", help="L and/or U")
+@click.option("--max-uses", type=int, help="1 = single use")
+@click.option("--sphr-password", help="password of an encrypted .sphr")
+@with_appcontext
+def link_create(files: tuple[str, ...], label: str | None, passcode: str | None, passcode_stdin: bool,
+                exp: str | None, flags: str, max_uses: int | None, sphr_password: str | None) -> None:
+    """Make a link from FILES; print its details as JSON (with the management token)."""
+    if passcode_stdin:
+        passcode = sys.stdin.readline().rstrip("\n")
+    limit = int(current_app.config["MAX_CONTENT_LENGTH"])
+    try:
+        prepared = [prepare_upload(Path(f).name, Path(f).read_bytes(), password=sphr_password, max_size=limit)
+                    for f in files]
+        options = LinkOptions(label=label, passcode=passcode, exp=parse_exp(exp, _now()), flags=flags,
+                              max_uses=max_uses)
+        with _service() as service:
+            created = service.create(prepared, options, now=_now())
+            out = service.describe(created.link, _now())
+    except ShlhostError as exc:
+        _fail(exc)
+    out["management_token"] = created.management_token
+    click.echo(json.dumps(out, indent=2))
+
+
+@link.command("list")
+@with_appcontext
+def link_list() -> None:
+    """Every link on this instance: id, status, flag, uses, label."""
+    with _service() as service:
+        now = _now()
+        for item in service.list_links(None):
+            uses = f"{item.uses}/{item.max_uses}" if item.max_uses else str(item.uses)
+            click.echo(f"{item.id}  {item.status(now):8}  {item.flag or '-':3}  uses {uses:7}  {item.label or ''}")
+
+
+def _find(service: LinkService, link_id: str) -> Link:
+    found = service.session.get(Link, link_id)
+    if found is None:
+        click.echo(f"error: no link {link_id}", err=True)
+        sys.exit(2)
+    return found
+
+
+@link.command("show")
+@click.argument("link_id")
+@with_appcontext
+def link_show(link_id: str) -> None:
+    """A link's settings, status and files as JSON (no management token)."""
+    with _service() as service:
+        click.echo(json.dumps(service.describe(_find(service, link_id), _now()), indent=2))
+
+
+@link.command("revoke")
+@click.argument("link_id")
+@with_appcontext
+def link_revoke(link_id: str) -> None:
+    """Revoke: the ciphertext and key are purged; the tombstone and the log stay."""
+    with _service() as service:
+        service.revoke(_find(service, link_id), now=_now())
+    click.echo(f"revoked {link_id}")
+
+
+@link.command("qr")
+@click.argument("link_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="file to write; .svg gives SVG, anything else PNG")
+@click.option("--viewer", is_flag=True, help="encode the viewer-prefixed link instead of the bare shlink:/")
+@with_appcontext
+def link_qr(link_id: str, output: str, viewer: bool) -> None:
+    """Draw a link's QR code (error correction M)."""
+    with _service() as service:
+        text = service.shlink(_find(service, link_id), viewer=viewer)
+    if text is None:
+        click.echo("error: the server does not hold this link's key (pre-encrypted or revoked)", err=True)
+        sys.exit(2)
+    data = qr.svg(text) if output.lower().endswith(".svg") else qr.png(text)
+    Path(output).write_bytes(data)
+    click.echo(f"wrote {output}")
+
+
+def main() -> None:
+    cli(prog_name="shlhost")

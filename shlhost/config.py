@@ -1,0 +1,125 @@
+"""Configuration: built-in defaults, then ``instance/config.py``, then ``SHLHOST_*`` variables.
+
+Everything that varies between deployments is a key here. ``validate_config`` runs at
+start-up and refuses a configuration that would be unsafe or break the protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+# Built-in secrets exist so that development and the test suite run with no set-up.
+# ``validate_config`` refuses them anywhere else.
+DEFAULT_SECRET_KEY = "dev-secret-key-not-for-production"
+DEFAULT_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(b"dev-kek-not-for-production-32by!").decode()
+
+SAFE_ENVS = ("development", "testing")
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot be used; the message says what to change."""
+
+
+def defaults(instance_path: str) -> dict[str, Any]:
+    return {
+        # "production" (default), "development" or "testing".
+        "ENV": "production",
+        "SECRET_KEY": DEFAULT_SECRET_KEY,
+        # 32 bytes, base64url: wraps every link key the server holds (see docs/security.md).
+        "KEY_ENCRYPTION_KEY": DEFAULT_KEY_ENCRYPTION_KEY,
+        "DATABASE_URL": "sqlite:///" + os.path.join(instance_path, "shlhost.db"),
+        # Blob store: "local" (files under BLOB_PATH).
+        "BLOB_BACKEND": "local",
+        "BLOB_PATH": os.path.join(instance_path, "blobs"),
+        # The scheme and host that go into links; the link url must stay within 128 chars.
+        "PUBLIC_URL": "http://127.0.0.1:5000",
+        # Lifetime of a file location ticket, seconds (the spec allows at most one hour).
+        "TICKET_LIFETIME": 300,
+        # Lifetime budget of wrong passcodes per link.
+        "PASSCODE_ATTEMPTS": 5,
+        # Largest request body accepted, bytes.
+        "MAX_CONTENT_LENGTH": 256 * 1024 * 1024,
+        # "default" (argon2-cffi's RFC 9106 low-memory profile) or "cheapest" (tests only).
+        "ARGON2_PROFILE": "default",
+        # flask-limiter storage: "memory://" or "redis://127.0.0.1:6379".
+        "RATELIMIT_STORAGE_URI": "memory://",
+        "RATELIMIT_MANIFEST": "60 per minute",
+        "RATELIMIT_ENABLED": True,
+        # Largest record a JWE may inflate to when it carries zip:DEF, bytes.
+        "MAX_INFLATED_SIZE": 512 * 1024 * 1024,
+    }
+
+
+def load(app_config: dict[str, Any], instance_path: str, overrides: dict[str, Any] | None) -> None:
+    """Fill ``app_config`` (a Flask config) in the documented order."""
+    app_config.update(defaults(instance_path))
+    cfg_file = Path(instance_path) / "config.py"
+    if cfg_file.is_file():
+        app_config.from_pyfile(str(cfg_file))  # type: ignore[attr-defined]
+    app_config.from_prefixed_env("SHLHOST")  # type: ignore[attr-defined]
+    if overrides:
+        app_config.update(overrides)
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    env = config["ENV"]
+    if env not in ("production", *SAFE_ENVS):
+        raise ConfigError(f"ENV must be production, development or testing, not {env!r}")
+    if env not in SAFE_ENVS:
+        if config["SECRET_KEY"] == DEFAULT_SECRET_KEY:
+            raise ConfigError(
+                "SECRET_KEY is the built-in development secret. Set SHLHOST_SECRET_KEY or run "
+                "'shlhost init' to write fresh secrets into instance/config.py."
+            )
+        if config["KEY_ENCRYPTION_KEY"] == DEFAULT_KEY_ENCRYPTION_KEY:
+            raise ConfigError(
+                "KEY_ENCRYPTION_KEY is the built-in development key. Set "
+                "SHLHOST_KEY_ENCRYPTION_KEY or run 'shlhost init'."
+            )
+    kek = decode_kek(config["KEY_ENCRYPTION_KEY"])
+    if len(kek) != 32:
+        raise ConfigError("KEY_ENCRYPTION_KEY must be 32 bytes, base64url-encoded")
+    public = str(config["PUBLIC_URL"]).rstrip("/")
+    if not public.startswith(("http://", "https://")):
+        raise ConfigError("PUBLIC_URL must start with http:// or https://")
+    # url = PUBLIC_URL + "/shl/" + 43-character id; the spec caps it at 128 characters.
+    if len(public) + 5 + 43 > 128:
+        raise ConfigError("PUBLIC_URL is too long: link urls must stay within 128 characters")
+    lifetime = int(config["TICKET_LIFETIME"])
+    if not 1 <= lifetime <= 3600:
+        raise ConfigError("TICKET_LIFETIME must be between 1 and 3600 seconds")
+    if int(config["PASSCODE_ATTEMPTS"]) < 1:
+        raise ConfigError("PASSCODE_ATTEMPTS must be at least 1")
+    if config["BLOB_BACKEND"] not in ("local",):
+        raise ConfigError("BLOB_BACKEND must be local")
+    if config["ARGON2_PROFILE"] not in ("default", "cheapest"):
+        raise ConfigError("ARGON2_PROFILE must be default or cheapest")
+
+
+def decode_kek(value: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("KEY_ENCRYPTION_KEY is not valid base64url") from exc
+
+
+def write_instance_config(instance_path: str) -> Path | None:
+    """Write ``instance/config.py`` with fresh secrets unless it exists. Returns the path written."""
+    path = Path(instance_path) / "config.py"
+    if path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kek = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    body = (
+        "# Written by 'shlhost init'. Keep this file secret and back it up with the database.\n"
+        f"SECRET_KEY = {secrets.token_urlsafe(48)!r}\n"
+        f"KEY_ENCRYPTION_KEY = {kek!r}\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(body)
+    return path

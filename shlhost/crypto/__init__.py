@@ -1,0 +1,1 @@
+"""Cryptography: compact JWE (dir + A256GCM), key wrapping, tokens and passcodes."""

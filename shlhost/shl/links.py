@@ -1,0 +1,582 @@
+"""The links service: create, resolve and manage SMART Health Links.
+
+Takes a SQLAlchemy ``Session`` and a ``BlobStore``; knows nothing of Flask. Every counter
+the protocol depends on (uses, the passcode budget) changes in one conditional
+``UPDATE ... RETURNING`` that re-checks liveness, committed before the answer goes out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from argon2 import PasswordHasher
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload
+
+from shlhost.crypto import jwe
+from shlhost.crypto.b64 import b64url_encode
+from shlhost.crypto.keys import new_link_key, new_token, token_hash, unwrap_key, wrap_key
+from shlhost.crypto.passcodes import hash_secret, verify_secret
+from shlhost.errors import BadRequest, Conflict, DeadLink, NotFound, WrongPasscode
+from shlhost.phr.formats import SHL_CONTENT_TYPES, PreparedFile
+from shlhost.shl import payload as shl_payload
+from shlhost.shl import tickets
+from shlhost.storage.blobs import BlobStore
+from shlhost.storage.models import Access, Link, LinkFile
+
+RECIPIENT_MAX = 200
+PASSCODE_MAX = 200
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    kek: bytes
+    ticket_secret: bytes
+    public_url: str
+    ticket_lifetime: int
+    passcode_attempts: int
+    hasher: PasswordHasher
+
+    @property
+    def viewer_url(self) -> str:
+        return self.public_url + "/view"
+
+    def link_url(self, link_id: str) -> str:
+        return f"{self.public_url}/shl/{link_id}"
+
+    def file_url(self, link_id: str, file_id: str, ticket: str) -> str:
+        return f"{self.public_url}/shl/{link_id}/files/{file_id}?ticket={ticket}"
+
+
+@dataclass(frozen=True)
+class EncryptedFile:
+    """A file the client encrypted itself: the server never sees its key."""
+
+    content_type: str
+    jwe: str
+
+
+NewFile = PreparedFile | EncryptedFile
+
+
+@dataclass
+class LinkOptions:
+    label: str | None = None
+    passcode: str | None = None
+    exp: datetime | None = None
+    flags: str = ""  # L and/or U as asked; P follows from the passcode
+    max_uses: int | None = None
+
+
+@dataclass
+class Created:
+    link: Link
+    management_token: str
+    key: bytes | None  # None when the client holds the key
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks shared by creation and PATCH
+
+
+def parse_exp(value: Any, now: datetime) -> datetime | None:
+    """Epoch seconds or ISO 8601, in the future; None stays None."""
+    if value is None or value == "":
+        return None
+    when: datetime
+    if isinstance(value, bool):
+        raise BadRequest("exp must be epoch seconds or an ISO 8601 time", code="invalid_exp")
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        try:
+            when = datetime.fromtimestamp(float(value), UTC)
+        except (OverflowError, OSError, ValueError):
+            raise BadRequest("exp is out of range", code="invalid_exp") from None
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest("exp must be epoch seconds or an ISO 8601 time", code="invalid_exp") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    else:
+        raise BadRequest("exp must be epoch seconds or an ISO 8601 time", code="invalid_exp")
+    if when <= now:
+        raise BadRequest("exp must be in the future", code="invalid_exp")
+    return when.astimezone(UTC).replace(microsecond=0)
+
+
+def check_label(label: Any) -> str | None:
+    if label is None or label == "":
+        return None
+    if not isinstance(label, str):
+        raise BadRequest("label must be a string", code="invalid_label")
+    if len(label) > shl_payload.LABEL_MAX:
+        raise BadRequest(f"label must be at most {shl_payload.LABEL_MAX} characters", code="invalid_label")
+    return label
+
+
+def check_passcode(passcode: Any) -> str | None:
+    if passcode is None or passcode == "":
+        return None
+    if not isinstance(passcode, str):
+        raise BadRequest("passcode must be a string", code="invalid_passcode")
+    if len(passcode) > PASSCODE_MAX:
+        raise BadRequest(f"passcode must be at most {PASSCODE_MAX} characters", code="invalid_passcode")
+    return passcode
+
+
+def check_max_uses(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        uses = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest("max_uses must be a whole number", code="invalid_max_uses") from None
+    if isinstance(value, bool) or isinstance(value, float) and value != uses or uses < 1:
+        raise BadRequest("max_uses must be a whole number of at least 1", code="invalid_max_uses")
+    return uses
+
+
+def _epoch(when: datetime | None) -> int | None:
+    return int(when.timestamp()) if when else None
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z") if when else None
+
+
+class LinkService:
+    def __init__(self, session: Session, blobs: BlobStore, settings: LinkSettings) -> None:
+        self.session = session
+        self.blobs = blobs
+        self.settings = settings
+
+    # -- creation ------------------------------------------------------------------------
+
+    def create(self, files: Sequence[NewFile], options: LinkOptions, *, now: datetime,
+               account_id: int | None = None) -> Created:
+        if not files:
+            raise BadRequest("a link needs at least one file", code="no_files")
+        flag_letters = options.flags.upper()
+        if "P" in flag_letters:
+            raise BadRequest("flag P follows from giving a passcode; do not send it", code="invalid_flags")
+        passcode = check_passcode(options.passcode)
+        flag = shl_payload.normalise_flags(flag_letters + ("P" if passcode else ""))
+        if "U" in flag and len(files) != 1:
+            raise BadRequest("a U link carries exactly one file", code="invalid_flags")
+        pre_encrypted = [isinstance(f, EncryptedFile) for f in files]
+        if any(pre_encrypted) and not all(pre_encrypted):
+            raise BadRequest(
+                "send either pre-encrypted JWE files or plain content, not both", code="mixed_files"
+            )
+        label = check_label(options.label)
+        exp = options.exp
+        if exp is not None and exp <= now:
+            raise BadRequest("exp must be in the future", code="invalid_exp")
+
+        link_id = new_token(32)
+        token = new_token(32)
+        key = None if all(pre_encrypted) else new_link_key()
+        link = Link(
+            id=link_id,
+            account_id=account_id,
+            management_token_hash=token_hash(token),
+            wrapped_key=wrap_key(self.settings.kek, key, link_id) if key else None,
+            server_keyed=key is not None,
+            label=label,
+            long_term="L" in flag,
+            direct="U" in flag,
+            passcode_hash=hash_secret(self.settings.hasher, passcode) if passcode else None,
+            attempts_left=self.settings.passcode_attempts if passcode else None,
+            exp=exp,
+            active=True,
+            max_uses=check_max_uses(options.max_uses),
+            uses=0,
+            created_at=now,
+            updated_at=now,
+        )
+        written: list[str] = []
+        try:
+            for position, new in enumerate(files):
+                link.files.append(self._store_file(link_id, key, new, position, now, written))
+            self.session.add(link)
+            self.session.commit()
+        except BaseException:
+            self.session.rollback()
+            self._delete_blobs(written)
+            raise
+        return Created(link, token, key)
+
+    def _store_file(self, link_id: str, key: bytes | None, new: NewFile, position: int,
+                    now: datetime, written: list[str], file_id: str | None = None) -> LinkFile:
+        token = self._encrypt(key, new)
+        file_id = file_id or new_token(16)
+        blob_key = f"links/{link_id}/{file_id}-{new_token(6)}.jwe"
+        self.blobs.put(blob_key, token.encode("ascii"))
+        written.append(blob_key)
+        return LinkFile(
+            id=file_id,
+            link_id=link_id,
+            position=position,
+            content_type=new.content_type,
+            blob_key=blob_key,
+            jwe_size=len(token),
+            last_updated=now,
+            created_at=now,
+        )
+
+    @staticmethod
+    def _encrypt(key: bytes | None, new: NewFile) -> str:
+        if new.content_type not in SHL_CONTENT_TYPES:
+            raise BadRequest(
+                f"contentType must be one of {', '.join(SHL_CONTENT_TYPES)}", code="unknown_content_type"
+            )
+        if isinstance(new, EncryptedFile):
+            if key is not None:
+                raise BadRequest("this link's key is held by the server: send content, not a JWE",
+                                 code="mixed_files")
+            jwe.parse(new.jwe, expected_cty=new.content_type)
+            return new.jwe.strip()
+        if key is None:
+            raise BadRequest("this link's files are encrypted by the client: send a JWE",
+                             code="mixed_files")
+        return jwe.encrypt(new.body, key, new.content_type)
+
+    def _delete_blobs(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(OSError):
+                self.blobs.delete(key)
+
+    # -- the data plane ------------------------------------------------------------------
+
+    def _log(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str,
+             file_id: str | None = None) -> None:
+        self.session.add(Access(link_id=link_id, at=now, recipient=(recipient or None) and recipient[:RECIPIENT_MAX],
+                                action=action, outcome=outcome, file_id=file_id))
+
+    def _dead(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str) -> DeadLink:
+        self._log(link_id, now, recipient, action, outcome)
+        self.session.commit()
+        return DeadLink()
+
+    def _spend_use(self, link_id: str, now: datetime) -> bool:
+        """Count one use if the link is still live; atomic under concurrency."""
+        used = self.session.execute(
+            update(Link)
+            .where(Link.id == link_id, Link.live(now))
+            .values(uses=Link.uses + 1)
+            .returning(Link.uses)
+        ).scalar_one_or_none()
+        return used is not None
+
+    def _spend_attempt(self, link_id: str, now: datetime) -> int | None:
+        """Take one attempt from the passcode budget; the attempts left, or None if none were."""
+        left: int | None = self.session.execute(
+            update(Link)
+            .where(Link.id == link_id, Link.live(now), Link.attempts_left > 0)
+            .values(attempts_left=Link.attempts_left - 1)
+            .returning(Link.attempts_left)
+        ).scalar_one_or_none()
+        return left
+
+    def _live_link(self, link_id: str, now: datetime, recipient: str | None, action: str) -> Link:
+        link = (
+            self.session.get(Link, link_id, options=[selectinload(Link.files)])
+            if isinstance(link_id, str) and len(link_id) == 43 else None
+        )
+        if link is None:
+            self.session.rollback()
+            raise DeadLink()
+        status = link.status(now)
+        if status != "active":
+            raise self._dead(link_id, now, recipient, action, status)
+        # End the read transaction before slow work (argon2) so no lock is held meanwhile.
+        self.session.commit()
+        return link
+
+    def manifest(self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any,
+                 now: datetime) -> dict[str, Any]:
+        if not isinstance(recipient, str) or not recipient.strip():
+            raise BadRequest("recipient is required: say who is asking", code="recipient_required")
+        if embedded_max is not None and (isinstance(embedded_max, bool) or not isinstance(embedded_max, int)
+                                         or embedded_max < 0):
+            raise BadRequest("embeddedLengthMax must be a whole number", code="invalid_embedded_length_max")
+        if passcode is not None and not isinstance(passcode, str):
+            raise BadRequest("passcode must be a string", code="invalid_passcode")
+        link = self._live_link(link_id, now, recipient, "manifest")
+        if link.direct:
+            self.session.rollback()
+            raise BadRequest("this is a U link: GET the url with a recipient", code="direct_link")
+        if link.passcode_hash is not None:
+            if not passcode:
+                # No guess was made; the budget is untouched.
+                raise WrongPasscode(int(link.attempts_left or 0))
+            if not verify_secret(self.settings.hasher, link.passcode_hash, passcode[:PASSCODE_MAX]):
+                left = self._spend_attempt(link_id, now)
+                self._log(link_id, now, recipient, "manifest", "wrong_passcode" if left is not None else "locked")
+                self.session.commit()
+                if left is None:
+                    raise DeadLink()
+                raise WrongPasscode(left)
+        if not self._spend_use(link_id, now):
+            raise self._dead(link_id, now, recipient, "manifest", "dead")
+        self._log(link_id, now, recipient, "manifest", "ok")
+        self.session.commit()
+        return self._manifest_body(link, embedded_max, now)
+
+    def _manifest_body(self, link: Link, embedded_max: int | None, now: datetime) -> dict[str, Any]:
+        files: list[dict[str, Any]] = []
+        for f in link.files:
+            if f.blob_key is None:
+                continue
+            entry: dict[str, Any] = {"contentType": f.content_type, "lastUpdated": _iso(f.last_updated)}
+            if embedded_max is not None and f.jwe_size <= embedded_max:
+                try:
+                    entry["embedded"] = self.blobs.get(f.blob_key).decode("ascii")
+                except KeyError:
+                    raise DeadLink() from None  # revoked between the use and this read
+            else:
+                ticket = tickets.issue(self.settings.ticket_secret, link.id, f.id, now.timestamp(),
+                                       self.settings.ticket_lifetime)
+                entry["location"] = self.settings.file_url(link.id, f.id, ticket)
+            files.append(entry)
+        return {"status": "can-change" if link.long_term else "finalized", "files": files}
+
+    def direct(self, link_id: str, *, recipient: Any, now: datetime) -> str:
+        """The one file of a U link."""
+        if not isinstance(recipient, str) or not recipient.strip():
+            raise BadRequest("recipient is required: say who is asking", code="recipient_required")
+        link = self._live_link(link_id, now, recipient, "direct")
+        if not link.direct:
+            self.session.rollback()
+            raise BadRequest("this link has a manifest: POST to it", code="manifest_link")
+        if not self._spend_use(link_id, now):
+            raise self._dead(link_id, now, recipient, "direct", "dead")
+        self._log(link_id, now, recipient, "direct", "ok")
+        self.session.commit()
+        blob = next((f.blob_key for f in link.files if f.blob_key), None)
+        if blob is None:
+            raise DeadLink()
+        try:
+            return self.blobs.get(blob).decode("ascii")
+        except KeyError:
+            raise DeadLink() from None
+
+    def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> str:
+        """A file named in a manifest's ``location``: good while its ticket is."""
+        if not tickets.check(self.settings.ticket_secret, ticket, link_id, file_id, now.timestamp()):
+            raise DeadLink()
+        row = self.session.execute(
+            select(LinkFile.blob_key)
+            .join(Link)
+            .where(LinkFile.id == file_id, LinkFile.link_id == link_id, Link.servable(now))
+        ).one_or_none()
+        if row is None or row.blob_key is None:
+            self.session.rollback()
+            raise DeadLink()
+        self._log(link_id, now, None, "file", "ok", file_id)
+        self.session.commit()
+        try:
+            return self.blobs.get(row.blob_key).decode("ascii")
+        except KeyError:
+            raise DeadLink() from None
+
+    # -- management ----------------------------------------------------------------------
+
+    def owned(self, link_id: str, token: str | None, *, account_id: int | None = None) -> Link:
+        """The link if ``token`` is its management token (or it belongs to ``account_id``)."""
+        link = self.session.get(Link, link_id) if isinstance(link_id, str) and len(link_id) <= 64 else None
+        stored = link.management_token_hash if link else "0" * 64
+        # Compare even when there is no such link, so timing says nothing about existence.
+        good = hmac.compare_digest(token_hash(token or ""), stored) and bool(token)
+        if link is None or not (good or (account_id is not None and link.account_id == account_id)):
+            raise NotFound("No such link, or the management token is wrong.")
+        return link
+
+    def link_key(self, link: Link) -> bytes | None:
+        if link.wrapped_key is None:
+            return None
+        return unwrap_key(self.settings.kek, link.wrapped_key, link.id)
+
+    def shlink(self, link: Link, *, viewer: bool = False) -> str | None:
+        """The full link, when the server holds the key and the link is not revoked."""
+        key = self.link_key(link)
+        if key is None:
+            return None
+        data = shl_payload.Payload(
+            url=self.settings.link_url(link.id),
+            key=b64url_encode(key),
+            exp=_epoch(link.exp),
+            flag=link.flag,
+            label=link.label,
+        )
+        return shl_payload.encode(data, self.settings.viewer_url if viewer else None)
+
+    def describe(self, link: Link, now: datetime) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": link.id,
+            "url": self.settings.link_url(link.id),
+            "flag": link.flag,
+            "label": link.label,
+            "exp": _epoch(link.exp),
+            "status": link.status(now),
+            "active": link.active,
+            "long_term": link.long_term,
+            "passcode": link.passcode_hash is not None,
+            "attempts_left": link.attempts_left,
+            "max_uses": link.max_uses,
+            "uses": link.uses,
+            "uses_left": None if link.max_uses is None else max(0, link.max_uses - link.uses),
+            "server_keyed": link.server_keyed,
+            "created_at": _iso(link.created_at),
+            "revoked_at": _iso(link.revoked_at),
+            "files": [
+                {
+                    "id": f.id,
+                    "contentType": f.content_type,
+                    "lastUpdated": _iso(f.last_updated),
+                    "size": f.jwe_size,
+                    "purged": f.blob_key is None,
+                }
+                for f in link.files
+            ],
+        }
+        shlink = self.shlink(link)
+        if shlink:
+            out["shlink"] = shlink
+            out["viewer_url"] = f"{self.settings.viewer_url}#{shlink}"
+        return out
+
+    def update(self, link: Link, changes: dict[str, Any], *, now: datetime) -> Link:
+        allowed = {"active", "exp", "label", "passcode", "max_uses"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise BadRequest(f"cannot change {', '.join(sorted(unknown))}", code="unknown_field")
+        if link.revoked_at is not None:
+            raise Conflict("the link is revoked", code="revoked")
+        if "active" in changes:
+            if not isinstance(changes["active"], bool):
+                raise BadRequest("active must be true or false", code="invalid_active")
+            link.active = changes["active"]
+        if "exp" in changes:
+            link.exp = parse_exp(changes["exp"], now)
+        if "label" in changes:
+            link.label = check_label(changes["label"])
+        if "max_uses" in changes:
+            link.max_uses = check_max_uses(changes["max_uses"])
+        if "passcode" in changes:
+            passcode = check_passcode(changes["passcode"])
+            if link.passcode_hash is None or passcode is None:
+                # Adding or removing P changes the flag that links already handed out carry.
+                raise Conflict(
+                    "only a passcode link's passcode can be changed; make a new link to add or "
+                    "remove one", code="passcode_flag",
+                )
+            link.passcode_hash = hash_secret(self.settings.hasher, passcode)
+            link.attempts_left = self.settings.passcode_attempts
+        link.updated_at = now
+        self.session.commit()
+        return link
+
+    def revoke(self, link: Link, *, now: datetime) -> None:
+        """Purge the ciphertext and the key; keep the row as a tombstone and the log."""
+        if link.revoked_at is None:
+            link.revoked_at = now
+            link.active = False
+        link.wrapped_key = None
+        doomed = [f.blob_key for f in link.files if f.blob_key]
+        for f in link.files:
+            f.blob_key = None
+        link.updated_at = now
+        self.session.commit()
+        self._delete_blobs(doomed)
+
+    def _changeable(self, link: Link) -> None:
+        if link.revoked_at is not None:
+            raise Conflict("the link is revoked", code="revoked")
+        if not link.long_term:
+            raise Conflict("only L (long-term) links may change their files; this one is finalized",
+                           code="finalized")
+
+    def add_files(self, link: Link, files: Sequence[NewFile], *, now: datetime) -> list[LinkFile]:
+        self._changeable(link)
+        if not files:
+            raise BadRequest("no files given", code="no_files")
+        if link.direct:
+            raise Conflict("a U link carries exactly one file", code="direct_link")
+        key = self.link_key(link)
+        written: list[str] = []
+        added = []
+        try:
+            start = max((f.position for f in link.files), default=-1) + 1
+            for offset, new in enumerate(files):
+                row = self._store_file(link.id, key, new, start + offset, now, written)
+                link.files.append(row)
+                added.append(row)
+            link.updated_at = now
+            self.session.commit()
+        except BaseException:
+            self.session.rollback()
+            self._delete_blobs(written)
+            raise
+        return added
+
+    def _file(self, link: Link, file_id: str) -> LinkFile:
+        for f in link.files:
+            if f.id == file_id and f.blob_key is not None:
+                return f
+        raise NotFound("No such file on this link.")
+
+    def replace_file(self, link: Link, file_id: str, new: NewFile, *, now: datetime) -> LinkFile:
+        """New content, same key, new IV; the old ciphertext is deleted once the row points away."""
+        self._changeable(link)
+        row = self._file(link, file_id)
+        old_blob = row.blob_key
+        written: list[str] = []
+        try:
+            fresh = self._store_file(link.id, self.link_key(link), new, row.position, now, written, file_id)
+            row.content_type = fresh.content_type
+            row.blob_key = fresh.blob_key
+            row.jwe_size = fresh.jwe_size
+            row.last_updated = now
+            link.updated_at = now
+            self.session.commit()
+        except BaseException:
+            self.session.rollback()
+            self._delete_blobs(written)
+            raise
+        self._delete_blobs([old_blob] if old_blob else [])
+        return row
+
+    def delete_file(self, link: Link, file_id: str, *, now: datetime) -> None:
+        self._changeable(link)
+        if link.direct:
+            raise Conflict("a U link carries exactly one file", code="direct_link")
+        row = self._file(link, file_id)
+        blob = row.blob_key
+        link.files.remove(row)
+        link.updated_at = now
+        self.session.commit()
+        self._delete_blobs([blob] if blob else [])
+
+    def accesses(self, link: Link, *, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.session.scalars(
+            select(Access).where(Access.link_id == link.id).order_by(Access.at.desc(), Access.id.desc()).limit(limit)
+        )
+        return [
+            {"time": _iso(a.at), "recipient": a.recipient, "action": a.action, "outcome": a.outcome,
+             "file_id": a.file_id}
+            for a in rows
+        ]
+
+    def list_links(self, account_id: int | None) -> list[Link]:
+        query = select(Link).order_by(Link.created_at.desc())
+        if account_id is not None:
+            query = query.where(Link.account_id == account_id)
+        return list(self.session.scalars(query))
+

@@ -1,0 +1,1 @@
+"""Persistence: the database (SQLAlchemy 2), its migrations, and the blob store."""

@@ -1,0 +1,162 @@
+"""Database models. Liveness of a link is derived from these columns, never stored."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+    and_,
+    or_,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every backend (SQLite keeps naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Link(Base):
+    __tablename__ = "links"
+
+    # 32 random bytes, base64url: 256 bits of entropy in the manifest url.
+    id: Mapped[str] = mapped_column(String(43), primary_key=True)
+    account_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    management_token_hash: Mapped[str] = mapped_column(String(64))
+    # The link key, wrapped under the instance KEK. None when the client holds the key
+    # (pre-encrypted uploads) or after revocation (crypto-shredded).
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    server_keyed: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str | None] = mapped_column(String(80))
+    long_term: Mapped[bool] = mapped_column(Boolean, default=False)
+    direct: Mapped[bool] = mapped_column(Boolean, default=False)  # flag U
+    passcode_hash: Mapped[str | None] = mapped_column(String(255))
+    attempts_left: Mapped[int | None] = mapped_column(Integer)
+    exp: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    files: Mapped[list[LinkFile]] = relationship(
+        back_populates="link", order_by="LinkFile.position", cascade="all, delete-orphan"
+    )
+
+    @property
+    def flag(self) -> str:
+        return "".join(
+            letter
+            for letter, on in (("L", self.long_term), ("P", self.passcode_hash), ("U", self.direct))
+            if on
+        )
+
+    def status(self, now: datetime) -> str:
+        """One word for the owner: revoked, paused, expired, locked, used_up or active."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if not self.active:
+            return "paused"
+        if self.exp is not None and self.exp <= now:
+            return "expired"
+        if self.attempts_left is not None and self.attempts_left <= 0:
+            return "locked"
+        if self.max_uses is not None and self.uses >= self.max_uses:
+            return "used_up"
+        return "active"
+
+    @classmethod
+    def servable(cls, now: datetime) -> ColumnElement[bool]:
+        """SQL for: files may still be served (not revoked, paused or expired).
+
+        A ticket issued by a manifest request that spent the last use or attempt stays
+        good for its few minutes, so uses and attempts are not part of this test.
+        """
+        return and_(
+            cls.revoked_at.is_(None),
+            cls.active.is_(True),
+            or_(cls.exp.is_(None), cls.exp > now),
+        )
+
+    @classmethod
+    def live(cls, now: datetime) -> ColumnElement[bool]:
+        """SQL twin of ``status(now) == "active"``, for atomic conditional updates."""
+        return and_(
+            cls.servable(now),
+            or_(cls.attempts_left.is_(None), cls.attempts_left > 0),
+            or_(cls.max_uses.is_(None), cls.uses < cls.max_uses),
+        )
+
+
+class LinkFile(Base):
+    __tablename__ = "link_files"
+
+    id: Mapped[str] = mapped_column(String(22), primary_key=True)
+    link_id: Mapped[str] = mapped_column(ForeignKey("links.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    content_type: Mapped[str] = mapped_column(String(64))
+    # Where the compact JWE lives in the blob store; None once purged.
+    blob_key: Mapped[str | None] = mapped_column(String(200))
+    jwe_size: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    link: Mapped[Link] = relationship(back_populates="files")
+
+
+class Access(Base):
+    """The owner's access log: every request that named a known link."""
+
+    __tablename__ = "accesses"
+    __table_args__ = (Index("ix_accesses_link_id_at", "link_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    link_id: Mapped[str] = mapped_column(ForeignKey("links.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    recipient: Mapped[str | None] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(16))  # manifest | file | direct
+    outcome: Mapped[str] = mapped_column(String(32))  # ok | wrong_passcode | dead | ...
+    file_id: Mapped[str | None] = mapped_column(String(22))

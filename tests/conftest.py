@@ -1,0 +1,198 @@
+"""Shared fixtures: ``app``, ``client``, ``runner`` and a real ``live_server``.
+
+The database comes from ``SHLHOST_TEST_DATABASE_URL`` (PostgreSQL in CI's second run) or
+is a fresh SQLite file. On PostgreSQL each test session gets its own schema, migrated with
+the real Alembic migrations once. Tests make their own links (ids are random), so they
+never see each other's data and need no cleanup between them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+from sqlalchemy import create_engine, text
+
+from shlhost import create_app
+from shlhost.storage import migrate
+from shlhost.storage.db import make_engine, normalise_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "phr-ig"
+DATA = Path(__file__).with_name("data")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+TEST_KEK = "dGVzdC1rZWstMzItYnl0ZXMtLS0tLS0tLS0tLS0tLS0"  # 32 bytes, base64url
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with a reason on a laptop; fail in CI, where everything must be present."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required in CI: {reason}")
+        pytest.skip(reason)
+
+
+def fixture_path(name: str) -> Path:
+    path = FIXTURES / name
+    require(path.is_file(), f"the PHR IG fixtures are not at {FIXTURES} (../shared is absent)")
+    return path
+
+
+def _pg_reachable(url: str) -> bool:
+    try:
+        engine = create_engine(normalise_url(url))
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = os.environ.get("SHLHOST_TEST_DATABASE_URL")
+    if not base:
+        url = "sqlite:///" + str(tmp_path_factory.mktemp("db") / "shlhost.db")
+        migrate.upgrade(make_engine(url))
+        yield url
+        return
+    base = normalise_url(base)
+    if not _pg_reachable(base):
+        if IN_CI:
+            raise RuntimeError(f"CI: the test database {base} is not reachable")
+        pytest.skip(f"SHLHOST_TEST_DATABASE_URL is set but {base} is not reachable")
+    schema = f"shlhost_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = _with_search_path(base, schema)
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def blob_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("blobs")
+
+
+@pytest.fixture(scope="session")
+def base_config(database_url: str, blob_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return {
+        "ENV": "testing",
+        "SECRET_KEY": "test-secret-key",
+        "KEY_ENCRYPTION_KEY": TEST_KEK,
+        "DATABASE_URL": database_url,
+        "BLOB_PATH": str(blob_root),
+        "PUBLIC_URL": "http://localhost",
+        "ARGON2_PROFILE": "cheapest",
+        "MAX_CONTENT_LENGTH": 8 * 1024 * 1024,
+        "RATELIMIT_MANIFEST": "1000 per minute",
+    }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_instance(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read or write the developer's own instance/ folder from a test."""
+    monkeypatch.setenv("SHLHOST_INSTANCE_PATH", str(tmp_path_factory.getbasetemp() / "instance"))
+
+
+def make_app(base_config: dict[str, Any], **overrides: Any) -> Flask:
+    return create_app({**base_config, **overrides})
+
+
+@pytest.fixture
+def app(base_config: dict[str, Any]) -> Iterator[Flask]:
+    application = make_app(base_config)
+    yield application
+    application.extensions["shlhost"].engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """A real gunicorn process (several workers, several threads each) on a free port."""
+
+    def __init__(self, config: dict[str, Any], workers: int = 2, threads: int = 8) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ}
+        for key, value in {**config, "PUBLIC_URL": self.url}.items():
+            env[f"SHLHOST_{key}"] = str(value)
+        self.log = open(Path(config["BLOB_PATH"]).parent / f"gunicorn-{self.port}.log", "w+")  # noqa: SIM115
+        conf = ROOT / "shlhost" / "gunicorn_conf.py"
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed arguments
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{self.port}",
+             "-w", str(workers), "--threads", str(threads), "shlhost.wsgi:app"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(base_config: dict[str, Any]) -> Iterator[LiveServer]:
+    server = LiveServer(base_config)
+    yield server
+    server.stop()
