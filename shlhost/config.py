@@ -18,6 +18,8 @@ DEFAULT_SECRET_KEY = "dev-secret-key-not-for-production"
 DEFAULT_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(b"dev-kek-not-for-production-32by!").decode()
 
 SAFE_ENVS = ("development", "testing")
+# Settings read from the environment as they are, never parsed as JSON.
+STRING_KEYS = ("SECRET_KEY", "KEY_ENCRYPTION_KEY", "DATABASE_URL", "PUBLIC_URL", "BLOB_PATH", "ENV")
 
 
 class ConfigError(RuntimeError):
@@ -61,6 +63,11 @@ def load(app_config: dict[str, Any], instance_path: str, overrides: dict[str, An
     if cfg_file.is_file():
         app_config.from_pyfile(str(cfg_file))  # type: ignore[attr-defined]
     app_config.from_prefixed_env("SHLHOST")  # type: ignore[attr-defined]
+    # from_prefixed_env parses values as JSON: an all-digit secret would become a number.
+    for key in STRING_KEYS:
+        raw = os.environ.get(f"SHLHOST_{key}")
+        if raw is not None:
+            app_config[key] = raw
     if overrides:
         app_config.update(overrides)
 
@@ -80,6 +87,9 @@ def validate_config(config: dict[str, Any]) -> None:
                 "KEY_ENCRYPTION_KEY is the built-in development key. Set "
                 "SHLHOST_KEY_ENCRYPTION_KEY or run 'shlhost init'."
             )
+    for key in ("SECRET_KEY", "KEY_ENCRYPTION_KEY"):
+        if not isinstance(config[key], str) or not config[key]:
+            raise ConfigError(f"{key} must be a non-empty string")
     kek = decode_kek(config["KEY_ENCRYPTION_KEY"])
     if len(kek) != 32:
         raise ConfigError("KEY_ENCRYPTION_KEY must be 32 bytes, base64url-encoded")

@@ -49,6 +49,18 @@ def decode_link(shlink: str) -> dict[str, Any]:
     return data
 
 
+def read_qr(png: bytes) -> list[Any]:
+    """Every QR symbol zxing-cpp finds in a PNG (QR only: scanning all formats can find
+    spurious 1D barcodes in the module pattern)."""
+    import io
+
+    import zxingcpp
+    from PIL import Image
+
+    found: list[Any] = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)), formats=zxingcpp.BarcodeFormat.QRCode)
+    return found
+
+
 def minimal_bundle(name: str = "Ada Example") -> dict[str, Any]:
     given, family = name.split(" ", 1)
     return {

@@ -9,6 +9,7 @@ from flask import Flask, current_app, g, request
 from sqlalchemy.orm import Session
 
 from shlhost import Runtime
+from shlhost.errors import BadRequest
 from shlhost.shl.links import LinkService
 
 
@@ -39,6 +40,17 @@ def bearer_token() -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object, or a clear 400 (bad syntax, bad UTF-8, too deep)."""
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:
+        body = None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return body
 
 
 def init_app(app: Flask) -> None:

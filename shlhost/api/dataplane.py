@@ -10,8 +10,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, jsonify, request
 
 from shlhost.api import limits
-from shlhost.api.common import links, now
-from shlhost.errors import BadRequest
+from shlhost.api.common import json_body, links, now
 
 bp = Blueprint("shl", __name__, url_prefix="/shl")
 JOSE = "application/jose"
@@ -20,9 +19,7 @@ JOSE = "application/jose"
 @bp.post("/<link_id>")
 @limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
 def manifest(link_id: str) -> Response:
-    body = request.get_json(silent=True, force=True)
-    if not isinstance(body, dict):
-        raise BadRequest("the manifest request body must be a JSON object", code="invalid_json")
+    body = json_body()
     answer = links().manifest(
         link_id,
         recipient=body.get("recipient"),

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 
 from shlhost import qr
-from shlhost.api.common import bearer_token, links, now
+from shlhost.api.common import bearer_token, json_body, links, now
 from shlhost.errors import BadRequest, Conflict, UnsupportedMediaType
 from shlhost.phr.formats import prepare_json, prepare_upload
 from shlhost.shl.links import EncryptedFile, LinkOptions, LinkService, NewFile, parse_exp
@@ -20,13 +20,6 @@ from shlhost.storage.models import Link
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 OPTION_FIELDS = ("label", "passcode", "exp", "flags", "max_uses")
-
-
-def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
-    return body
 
 
 def _files_from_json(items: Any) -> list[NewFile]:
@@ -65,7 +58,7 @@ def _read_request() -> tuple[list[NewFile], dict[str, Any]]:
         options = {name: request.form.get(name) for name in OPTION_FIELDS if name in request.form}
         return _files_from_form(), options
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        body = _json_body()
+        body = json_body()
         options = {name: body.get(name) for name in OPTION_FIELDS if name in body}
         return _files_from_json(body.get("files")), options
     raise UnsupportedMediaType("send multipart/form-data or application/json",
@@ -126,7 +119,7 @@ def get_link(link_id: str) -> Response:
 @bp.patch("/links/<link_id>")
 def patch_link(link_id: str) -> Response:
     service, link = _owned(link_id)
-    service.update(link, _json_body(), now=now())
+    service.update(link, json_body(), now=now())
     return jsonify(service.describe(link, now()))
 
 

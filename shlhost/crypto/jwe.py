@@ -44,6 +44,8 @@ def encrypt(plaintext: bytes, key: bytes, content_type: str, *, deflate: bool = 
     """Encrypt ``plaintext`` under ``key`` with a fresh random IV; return the compact JWE."""
     if len(key) != KEY_BYTES:
         raise ValueError("the key must be 32 bytes")
+    if not plaintext:
+        raise ValueError("nothing to encrypt: a compact JWE cannot carry an empty ciphertext")
     protected = protected_header(content_type, deflate=deflate)
     if deflate:
         packer = zlib.compressobj(9, zlib.DEFLATED, -15)
@@ -127,4 +129,6 @@ def inflate(data: bytes, limit: int) -> bytes:
         raise DecryptionError("the JWE says zip DEF but the content does not inflate") from None
     if len(out) > limit or unpacker.unconsumed_tail:
         raise DecryptionError("the inflated content is larger than allowed")
+    if not unpacker.eof or unpacker.unused_data:
+        raise DecryptionError("the JWE says zip DEF but the DEFLATE stream is truncated or has trailing data")
     return out

@@ -29,6 +29,9 @@ NDJSON_SUFFIXES = (".phr", ".ndjson", ".jsonl")
 ZIP_SUFFIXES = (".sphr", ".zip")
 ZIP_MAGIC = b"PK\x03\x04"
 
+# pyzipper carries its own copy of zipfile, with its own exception classes.
+BAD_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, pyzipper.BadZipFile, pyzipper.LargeZipFile)
+
 # Archive limits (zip bombs): members, bytes once inflated, and inflation ratio.
 MAX_MEMBERS = 10_000
 MAX_RATIO = 1_000
@@ -152,7 +155,7 @@ def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
     """
     try:
         archive = pyzipper.AESZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (*BAD_ZIP, OSError, ValueError):
         raise BadRequest("the .sphr is not a readable ZIP archive", code="invalid_sphr") from None
     with archive:
         infos = archive.infolist()
@@ -194,7 +197,7 @@ def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
             if "password" in str(exc).lower():
                 raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
             raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError):
+        except (*BAD_ZIP, OSError, EOFError, ValueError):
             # Checksum errors on a tampered archive land here (BadZipFile: Bad CRC / HMAC).
             raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
         if not phr_names:

@@ -22,7 +22,7 @@ from shlhost.crypto import jwe
 from shlhost.crypto.b64 import b64url_encode
 from shlhost.crypto.keys import new_link_key, new_token, token_hash, unwrap_key, wrap_key
 from shlhost.crypto.passcodes import hash_secret, verify_secret
-from shlhost.errors import BadRequest, Conflict, DeadLink, NotFound, WrongPasscode
+from shlhost.errors import BadRequest, Conflict, DeadLink, NotFound, UnsupportedMediaType, WrongPasscode
 from shlhost.phr.formats import SHL_CONTENT_TYPES, PreparedFile
 from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
@@ -233,7 +233,7 @@ class LinkService:
     @staticmethod
     def _encrypt(key: bytes | None, new: NewFile) -> str:
         if new.content_type not in SHL_CONTENT_TYPES:
-            raise BadRequest(
+            raise UnsupportedMediaType(
                 f"contentType must be one of {', '.join(SHL_CONTENT_TYPES)}", code="unknown_content_type"
             )
         if isinstance(new, EncryptedFile):

@@ -14,7 +14,7 @@ PREFIX = "shlink:/"
 VALID_FLAGS = ("", "L", "P", "U", "LP", "LU")
 LABEL_MAX = 80
 URL_MAX = 128
-_KEY = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def decode(link: str) -> Payload:
     url, key = data.get("url"), data.get("key")
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise BadRequest("the link payload has no usable url", code="not_a_link")
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise BadRequest("the link key must be 43 base64url characters", code="not_a_link")
     exp = data.get("exp")
     if exp is not None and not isinstance(exp, (int, float)):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 from shlhost.crypto.b64 import b64url_decode, b64url_encode
 
 _CONTEXT = b"shlhost-ticket-v1"
+_EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
 
 
 def derive_secret(secret_key: str) -> bytes:
@@ -34,7 +36,7 @@ def check(secret: bytes, ticket: str, link_id: str, file_id: str, now: float) ->
     if not isinstance(ticket, str) or ticket.count(".") != 1:
         return False
     exp_text, mac_text = ticket.split(".")
-    if not exp_text.isdigit() or len(exp_text) > 12:
+    if not _EXPIRY.fullmatch(exp_text):
         return False
     try:
         mac = b64url_decode(mac_text)

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-_KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_KEY = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 def check_key(key: str) -> str:
-    if not _KEY.match(key) or ".." in key.split("/"):
+    if not _KEY.fullmatch(key) or {".", ".."} & set(key.split("/")):
         raise ValueError(f"invalid blob key {key!r}")
     return key
 
