@@ -14,7 +14,7 @@ from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 
 from shlhost import Runtime, create_app, qr
-from shlhost.config import write_instance_config
+from shlhost.config import ConfigError, write_instance_config
 from shlhost.errors import ShlhostError
 from shlhost.phr.formats import prepare_upload
 from shlhost.shl.links import LinkOptions, LinkService, parse_exp
@@ -56,7 +56,7 @@ def _fail(exc: ShlhostError) -> None:
     sys.exit(2)
 
 
-@cli.command()
+@cli.command(with_appcontext=False)
 def init() -> None:
     """Write instance/config.py with fresh random secrets (once; never overwrites)."""
     written = write_instance_config(instance_path())
@@ -66,7 +66,7 @@ def init() -> None:
         click.echo("instance/config.py already exists; left as it is")
 
 
-@cli.command()
+@cli.command(with_appcontext=False)
 @click.option("--host", default=lambda: os.environ.get("SHLHOST_HOST", "127.0.0.1"), show_default="127.0.0.1")
 @click.option("--port", default=lambda: int(os.environ.get("SHLHOST_PORT", "5000")), show_default="5000",
               type=int)
@@ -207,4 +207,8 @@ def link_qr(link_id: str, output: str, viewer: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="shlhost")
+    try:
+        cli(prog_name="shlhost")
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
