@@ -44,6 +44,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,9 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        out["p50_ms"] = round(self.p50_ms, 3)
+        out["p99_ms"] = round(self.p99_ms, 3)
         out["rps"] = round(self.rps, 1)
         out["errors"] = self.errors
         return out
@@ -330,11 +334,18 @@ def run_python(port: int, method: str, paths: list[str], body: bytes | None, *, 
                     args=(port, method, paths, body, n, start_at, deadline, 10_000_000, queue))
         for n in share
     ]
-    for p in procs:
-        p.start()
-    parts = [queue.get(timeout=seconds + 60) for _ in procs]
-    for p in procs:
-        p.join(10)
+    try:
+        for p in procs:
+            p.start()
+        try:
+            parts = [queue.get(timeout=seconds + 60) for _ in procs]
+        except Empty:
+            raise BenchError("a Python load process gave no result") from None
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
     latencies = sorted(x for part in parts for x in part["latencies"])
     statuses: dict[str, int] = {}
     for part in parts:

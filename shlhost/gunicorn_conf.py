@@ -21,3 +21,6 @@ errorlog = "-"
 # Large uploads: bodies are bounded by SHLHOST_MAX_CONTENT_LENGTH, not here.
 limit_request_line = 8190
 forwarded_allow_ips = os.environ.get("SHLHOST_FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn >= 27 opens a control socket at one fixed path per user; several servers on one
+# machine (tests, benches, blue/green) would fight over it, and shlhost does not use it.
+control_socket_disable = True
