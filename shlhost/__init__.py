@@ -66,7 +66,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     from shlhost import logs
     from shlhost.api import common, dataplane, errors, management
-    from shlhost.web import pages
+    from shlhost.web import pages, security, viewer
 
     logs.init_app(app)
     common.init_app(app)
@@ -74,4 +74,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     dataplane.init_app(app)
     management.init_app(app)
     pages.init_app(app)
+    viewer.init_app(app)
+    security.init_app(app)
     return app
