@@ -19,7 +19,9 @@ DEFAULT_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(b"dev-kek-not-for-producti
 
 SAFE_ENVS = ("development", "testing")
 # Settings read from the environment as they are, never parsed as JSON.
-STRING_KEYS = ("SECRET_KEY", "KEY_ENCRYPTION_KEY", "DATABASE_URL", "PUBLIC_URL", "BLOB_PATH", "ENV")
+STRING_KEYS = ("SECRET_KEY", "KEY_ENCRYPTION_KEY", "DATABASE_URL", "PUBLIC_URL", "BLOB_PATH", "ENV",
+               "BLOB_BACKEND", "S3_BUCKET", "S3_ENDPOINT_URL", "S3_REGION", "S3_PREFIX",
+               "RATELIMIT_STORAGE_URI", "RATELIMIT_KEY_PREFIX", "LOG_FORMAT")
 
 
 class ConfigError(RuntimeError):
@@ -34,9 +36,24 @@ def defaults(instance_path: str) -> dict[str, Any]:
         # 32 bytes, base64url: wraps every link key the server holds (see docs/security.md).
         "KEY_ENCRYPTION_KEY": DEFAULT_KEY_ENCRYPTION_KEY,
         "DATABASE_URL": "sqlite:///" + os.path.join(instance_path, "shlhost.db"),
-        # Blob store: "local" (files under BLOB_PATH).
+        # Blob store: "local" (files under BLOB_PATH), "database" (the blobs table) or "s3".
         "BLOB_BACKEND": "local",
         "BLOB_PATH": os.path.join(instance_path, "blobs"),
+        # BLOB_BACKEND = "s3": the bucket, an optional key prefix, and for S3-compatible
+        # services other than AWS the endpoint. Credentials: boto3's usual chain (AWS_*
+        # environment variables, ~/.aws, an instance role).
+        "S3_BUCKET": "",
+        "S3_PREFIX": "",
+        "S3_ENDPOINT_URL": None,
+        "S3_REGION": None,
+        # shlhost gc: ciphertext of links expired or revoked longer ago than this is purged.
+        "RETENTION_DAYS": 30,
+        # shlhost gc: an unreferenced blob younger than this may be an upload in flight.
+        "BLOB_GRACE_SECONDS": 3600,
+        # "json" (one object per line) or "text"; None: json in production, text otherwise.
+        "LOG_FORMAT": None,
+        # Prometheus text at /metrics.
+        "METRICS_ENABLED": True,
         # The scheme and host that go into links; the link url must stay within 128 chars.
         "PUBLIC_URL": "http://127.0.0.1:5000",
         # Lifetime of a file location ticket, seconds (the spec allows at most one hour).
@@ -51,6 +68,8 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": "memory://",
         "RATELIMIT_MANIFEST": "60 per minute",
         "RATELIMIT_ENABLED": True,
+        # Prefix of flask-limiter's keys in a shared store (several deployments, one Redis).
+        "RATELIMIT_KEY_PREFIX": "shlhost",
         # Largest record a JWE may inflate to when it carries zip:DEF, bytes.
         "MAX_INFLATED_SIZE": 512 * 1024 * 1024,
     }
@@ -104,8 +123,16 @@ def validate_config(config: dict[str, Any]) -> None:
         raise ConfigError("TICKET_LIFETIME must be between 1 and 3600 seconds")
     if int(config["PASSCODE_ATTEMPTS"]) < 1:
         raise ConfigError("PASSCODE_ATTEMPTS must be at least 1")
-    if config["BLOB_BACKEND"] not in ("local",):
-        raise ConfigError("BLOB_BACKEND must be local")
+    if config["BLOB_BACKEND"] not in ("local", "database", "s3"):
+        raise ConfigError("BLOB_BACKEND must be local, database or s3")
+    if config["BLOB_BACKEND"] == "s3" and not config.get("S3_BUCKET"):
+        raise ConfigError("S3_BUCKET must be set when BLOB_BACKEND is s3")
+    if int(config.get("RETENTION_DAYS", 30)) < 0:
+        raise ConfigError("RETENTION_DAYS must be zero or more")
+    if int(config.get("BLOB_GRACE_SECONDS", 3600)) < 0:
+        raise ConfigError("BLOB_GRACE_SECONDS must be zero or more")
+    if config.get("LOG_FORMAT") not in (None, "", "json", "text"):
+        raise ConfigError("LOG_FORMAT must be json or text")
     if config["ARGON2_PROFILE"] not in ("default", "cheapest"):
         raise ConfigError("ARGON2_PROFILE must be default or cheapest")
 

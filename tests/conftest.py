@@ -149,14 +149,22 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real gunicorn process (several workers, several threads each) on a free port."""
+    """A real gunicorn process (several workers, several threads each) on a free port.
 
-    def __init__(self, config: dict[str, Any], workers: int = 2, threads: int = 8) -> None:
+    ``config`` becomes ``SHLHOST_*`` variables (``PUBLIC_URL`` is the server's own url unless
+    ``public_url`` says otherwise); ``env`` adds other variables (AWS credentials,
+    ``PROMETHEUS_MULTIPROC_DIR``). Several servers may share one database: that is how the
+    scale-out tests run. Usable as a context manager.
+    """
+
+    def __init__(self, config: dict[str, Any], workers: int = 2, threads: int = 8,
+                 env: dict[str, str] | None = None, public_url: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ}
-        for key, value in {**config, "PUBLIC_URL": self.url}.items():
-            env[f"SHLHOST_{key}"] = str(value)
+        env = {**os.environ, **(env or {})}
+        for key, value in {**config, "PUBLIC_URL": public_url or self.url}.items():
+            if value is not None:
+                env[f"SHLHOST_{key}"] = str(value)
         self.log = open(Path(config["BLOB_PATH"]).parent / f"gunicorn-{self.port}.log", "w+")  # noqa: SIM115
         conf = ROOT / "shlhost" / "gunicorn_conf.py"
         self.proc = subprocess.Popen(  # noqa: S603 - fixed arguments
@@ -188,7 +196,15 @@ class LiveServer:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.log.close()
+                self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
 
 @pytest.fixture(scope="session")
@@ -196,3 +212,85 @@ def live_server(base_config: dict[str, Any]) -> Iterator[LiveServer]:
     server = LiveServer(base_config)
     yield server
     server.stop()
+
+
+# --- a real S3 API server (moto's server mode) -------------------------------------------
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "shlhost-test",
+    "AWS_SECRET_ACCESS_KEY": "shlhost-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # Never read a developer's own ~/.aws in a test.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+class S3Server:
+    """``python -m moto.server`` on a free loopback port: a separate process speaking the
+    S3 REST API, so boto3 goes through real HTTP exactly as it would against AWS."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / f"moto-{self.port}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed arguments
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            env={**os.environ, **S3_CREDENTIALS}, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                requests.get(self.endpoint + "/", timeout=1)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        self.log.seek(0)
+        raise RuntimeError(f"moto server did not start:\n{self.log.read()}")
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session(
+            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        ).client("s3", endpoint_url=self.endpoint)
+
+    def new_bucket(self) -> str:
+        name = f"shlhost-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The S3 server, and the AWS_* variables that point boto3 at its fake credentials."""
+    pytest.importorskip("moto.server", reason="install the test extra: pip install -e '.[test]'")
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in S3_CREDENTIALS.items():
+            mp.setenv(name, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_config(s3_server: S3Server) -> dict[str, Any]:
+    """Configuration keys for BLOB_BACKEND = "s3" on a fresh bucket of the test server."""
+    return {"BLOB_BACKEND": "s3", "S3_BUCKET": s3_server.new_bucket(), "S3_ENDPOINT_URL": s3_server.endpoint,
+            "S3_REGION": "us-east-1", "S3_PREFIX": "shlhost/"}
+

@@ -514,6 +514,9 @@ class LinkService:
         added = []
         try:
             start = max((f.position for f in link.files), default=-1) + 1
+            # End the read transaction before writing blobs: the database blob store writes
+            # through its own connection, and SQLite's one write lock would wait on itself.
+            self.session.commit()
             for offset, new in enumerate(files):
                 row = self._store_file(link.id, key, new, start + offset, now, written)
                 link.files.append(row)
@@ -538,6 +541,7 @@ class LinkService:
         row = self._file(link, file_id)
         old_blob = row.blob_key
         written: list[str] = []
+        self.session.commit()  # end the read transaction before writing blobs (see add_files)
         try:
             fresh = self._store_file(link.id, self.link_key(link), new, row.position, now, written, file_id)
             row.content_type = fresh.content_type

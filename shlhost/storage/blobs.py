@@ -1,7 +1,12 @@
 """Blob storage behind one small interface. Writes are atomic: a reader sees all or nothing.
 
+Three backends, chosen by ``BLOB_BACKEND``: ``local`` (files under ``BLOB_PATH``, the
+default), ``database`` (the ``blobs`` table, each write in its own transaction) and ``s3``
+(any S3-compatible endpoint through boto3; ``put_object`` is atomic).
+
 Keys are relative POSIX paths made by shlhost (``links/<link>/<file>-<n>.jwe``), never
-taken from user input.
+taken from user input. Failures of a backend other than "no such key" are ``OSError``s
+(``BlobStoreError``), so callers can treat every backend alike.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 _KEY = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
@@ -93,8 +101,229 @@ class LocalBlobStore:
             raise OSError(f"blob directory {self.root} is not writable")
 
 
-def make_blob_store(config: dict[str, Any]) -> BlobStore:
+class BlobStoreError(OSError):
+    """The blob store failed (unreachable, refused, misconfigured): not a missing key."""
+
+
+class DatabaseBlobStore:
+    """Rows of the ``blobs`` table. Every call runs in its own connection and transaction,
+    so a blob is committed whole (or not at all) before ``put`` returns, whatever the
+    caller's session does afterwards.
+
+    On SQLite (one writer at a time) the caller must not hold a write transaction of its
+    own while it calls ``put`` or ``delete``: that would wait on itself.
+    """
+
+    PAGE = 1000
+
+    def __init__(self, engine: Engine) -> None:
+        from shlhost.storage.models import Blob
+
+        self.engine = engine
+        self.table = Blob.__table__
+
+    def _run(self, work: Any) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            with self.engine.begin() as conn:
+                return work(conn)
+        except SQLAlchemyError as exc:
+            raise BlobStoreError(f"database blob store: {type(exc).__name__}") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        from sqlalchemy import delete, insert
+
+        check_key(key)
+        row = {"key": key, "data": bytes(data), "created_at": datetime.now(UTC)}
+        table = self.table
+        dialect = self.engine.dialect.name
+
+        def work(conn: Any) -> None:
+            if dialect in ("postgresql", "sqlite"):
+                if dialect == "postgresql":
+                    from sqlalchemy.dialects.postgresql import insert as upsert
+                else:
+                    from sqlalchemy.dialects.sqlite import insert as upsert
+                stmt = upsert(table).values(**row)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[table.c.key],
+                    set_={"data": stmt.excluded.data, "created_at": stmt.excluded.created_at},
+                ))
+            else:
+                conn.execute(delete(table).where(table.c.key == key))
+                conn.execute(insert(table).values(**row))
+
+        self._run(work)
+
+    def get(self, key: str) -> bytes:
+        from sqlalchemy import select
+
+        check_key(key)
+        table = self.table
+        data = self._run(lambda conn: conn.execute(select(table.c.data).where(table.c.key == key)).scalar())
+        if data is None:
+            raise KeyError(key)
+        return bytes(data)
+
+    def delete(self, key: str) -> None:
+        from sqlalchemy import delete
+
+        check_key(key)
+        table = self.table
+        self._run(lambda conn: conn.execute(delete(table).where(table.c.key == key)))
+
+    def exists(self, key: str) -> bool:
+        from sqlalchemy import select
+
+        check_key(key)
+        table = self.table
+        found = self._run(lambda conn: conn.execute(select(table.c.key).where(table.c.key == key)).first())
+        return found is not None
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        """Keyset pages of ``PAGE`` keys, each read in its own short transaction, so that
+        the caller may delete what it is given between pages."""
+        from sqlalchemy import select
+
+        from shlhost.storage.models import Blob
+
+        after = ""
+        while True:
+            query = (
+                select(Blob.key, Blob.created_at)
+                .where(Blob.key.startswith(prefix, autoescape=True), Blob.key > after)
+                .order_by(Blob.key)
+                .limit(self.PAGE)
+            )
+            rows = self._run(lambda conn, q=query: conn.execute(q).all())
+            for key, created in rows:
+                yield key, created
+            if len(rows) < self.PAGE:
+                return
+            after = rows[-1][0]
+
+    def ping(self) -> None:
+        from sqlalchemy import select
+
+        table = self.table
+        self._run(lambda conn: conn.execute(select(table.c.key).limit(1)).all())
+
+
+class S3BlobStore:
+    """Objects in one S3 bucket (AWS or any S3-compatible endpoint), under ``prefix``.
+
+    ``put_object`` is atomic: an object is visible whole or not at all. Credentials come
+    from boto3's usual chain (environment, ``~/.aws``, instance role).
+    """
+
+    def __init__(self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        if not bucket:
+            raise ValueError("S3BlobStore needs a bucket")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        session = boto3.session.Session()
+        common = {"endpoint_url": endpoint_url or None, "region_name": region or None}
+        self.client = session.client("s3", config=Config(
+            connect_timeout=5, read_timeout=60, max_pool_connections=32,
+            retries={"max_attempts": 4, "mode": "standard"},
+        ), **common)
+        # Readiness must answer quickly: one attempt, short timeouts.
+        self._probe = session.client("s3", config=Config(
+            connect_timeout=2, read_timeout=5, retries={"total_max_attempts": 1},
+        ), **common)
+
+    def _name(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    @staticmethod
+    def _not_found(exc: Exception) -> bool:
+        from botocore.exceptions import ClientError
+
+        if not isinstance(exc, ClientError):
+            return False
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return error.get("Code") in ("NoSuchKey", "404", "NotFound") or status == 404
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise BlobStoreError(f"S3 {what} on bucket {self.bucket}: {exc}") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        name = self._name(key)
+        with self._errors("put"):
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(data))
+
+    def get(self, key: str) -> bytes:
+        name = self._name(key)
+        with self._errors("get"):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:
+                if self._not_found(exc):
+                    raise KeyError(key) from None
+                raise
+            body: bytes = answer["Body"].read()
+            return body
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        with self._errors("delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        with self._errors("head"):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:
+                if self._not_found(exc):
+                    return False
+                raise
+            return True
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors("list"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix):]
+                    if not _KEY.fullmatch(key) or {".", ".."} & set(key.split("/")):
+                        continue  # not written by shlhost: never touched
+                    yield key, item["LastModified"].astimezone(UTC)
+
+    def ping(self) -> None:
+        with self._errors("head_bucket"):
+            self._probe.head_bucket(Bucket=self.bucket)
+
+
+BACKENDS = ("local", "database", "s3")
+
+
+def make_blob_store(config: dict[str, Any], engine: Engine | None = None) -> BlobStore:
+    """The store ``BLOB_BACKEND`` names. ``database`` writes through ``engine``."""
     backend = config["BLOB_BACKEND"]
     if backend == "local":
         return LocalBlobStore(config["BLOB_PATH"])
+    if backend == "database":
+        if engine is None:
+            raise ValueError("the database blob store needs the engine")
+        return DatabaseBlobStore(engine)
+    if backend == "s3":
+        return S3BlobStore(
+            str(config["S3_BUCKET"]),
+            prefix=str(config.get("S3_PREFIX") or ""),
+            endpoint_url=config.get("S3_ENDPOINT_URL") or None,
+            region=config.get("S3_REGION") or None,
+        )
     raise ValueError(f"unknown blob backend {backend!r}")

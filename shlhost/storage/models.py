@@ -160,3 +160,16 @@ class Access(Base):
     action: Mapped[str] = mapped_column(String(16))  # manifest | file | direct
     outcome: Mapped[str] = mapped_column(String(32))  # ok | wrong_passcode | dead | ...
     file_id: Mapped[str | None] = mapped_column(String(22))
+
+
+class Blob(Base):
+    """Ciphertext kept in the database (``BLOB_BACKEND = "database"``), one row per blob key.
+
+    Written and deleted only by ``DatabaseBlobStore``, each in its own short transaction.
+    """
+
+    __tablename__ = "blobs"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
