@@ -65,7 +65,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     from shlhost import logs
-    from shlhost.api import common, dataplane, errors, management
+    from shlhost.api import common, dataplane, errors, fhir, management
     from shlhost.web import pages, security, viewer
 
     logs.init_app(app)
@@ -73,6 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     dataplane.init_app(app)
     management.init_app(app)
+    fhir.init_app(app)
     pages.init_app(app)
     viewer.init_app(app)
     security.init_app(app)

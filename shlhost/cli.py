@@ -13,9 +13,10 @@ import click
 from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 
-from shlhost import Runtime, create_app, qr
+from shlhost import Runtime, accounts, create_app, qr
 from shlhost.config import ConfigError, write_instance_config
 from shlhost.errors import ShlhostError
+from shlhost.phr import importer
 from shlhost.phr.formats import prepare_upload
 from shlhost.shl.links import LinkOptions, LinkService, parse_exp
 from shlhost.storage import migrate
@@ -204,6 +205,96 @@ def link_qr(link_id: str, output: str, viewer: bool) -> None:
     data = qr.svg(text) if output.lower().endswith(".svg") else qr.png(text)
     Path(output).write_bytes(data)
     click.echo(f"wrote {output}")
+
+
+@cli.group()
+def user() -> None:
+    """Accounts."""
+
+
+def _read_password(prompt: str) -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt(prompt, hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\n")
+
+
+@user.command("create")
+@click.argument("email")
+@with_appcontext
+def user_create(email: str) -> None:
+    """Create an account; the password comes from a prompt, or from standard input when it is not a terminal."""
+    password = _read_password("Password")
+    rt = _runtime()
+    with rt.sessions() as session:
+        try:
+            account = accounts.create_account(session, rt.hasher, email, password, now=_now())
+        except ShlhostError as exc:
+            _fail(exc)
+        click.echo(f"created account {account.email}")
+
+
+@cli.group()
+def token() -> None:
+    """API tokens for programs."""
+
+
+@token.command("create")
+@click.argument("email")
+@click.option("--label", help="what the token is for")
+@with_appcontext
+def token_create(email: str, label: str | None) -> None:
+    """Print a new API token for EMAIL's account, alone, on standard output."""
+    with _runtime().sessions() as session:
+        account = accounts.find_account(session, email)
+        if account is None:
+            click.echo(f"error: no account {email}", err=True)
+            sys.exit(2)
+        click.echo(accounts.create_token(session, account, label=label, now=_now()))
+
+
+@cli.group()
+def phr() -> None:
+    """Personal health records: import (and export)."""
+
+
+@phr.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--account", "email", required=True, help="the account (email) that owns the record")
+@click.option("--source", help="where the data comes from (default: the file name)")
+@click.option("--strategy", type=click.Choice(["merge", "replace"]), default="merge", show_default=True)
+@click.option("--validate", "validate_only", is_flag=True, help="check everything, write nothing")
+@click.option("--strict", is_flag=True, help="full R4 validation; any error refuses the whole file")
+@click.option("--sphr-password", help="password of an encrypted .sphr")
+@with_appcontext
+def phr_import(file: str, email: str, source: str | None, strategy: str, validate_only: bool, strict: bool,
+               sphr_password: str | None) -> None:
+    """Import FILE (.phr/NDJSON, a Bundle, or a .sphr) like POST /fhir/Bundle/$import."""
+    path = Path(file)
+    rt = _runtime()
+    with rt.sessions() as session, path.open("rb") as body:
+        account = accounts.find_account(session, email)
+        if account is None:
+            click.echo(f"error: no account {email}", err=True)
+            sys.exit(2)
+        head = body.read(4096)
+        body.seek(0)
+        suffix = path.suffix.lower()
+        fmt = "ndjson" if suffix in (".phr", ".ndjson", ".jsonl") else "sphr" if suffix in (".sphr", ".zip") else \
+            importer.detect_format(None, head)
+        options = importer.ImportOptions(source=source or path.name, strategy=strategy, validate_only=validate_only,
+                                         strict=strict, format=fmt)
+        items = (importer.ndjson_items(body) if fmt == "ndjson" else importer.bundle_items(body) if fmt == "bundle"
+                 else importer.sphr_items(body, sphr_password, int(current_app.config["MAX_CONTENT_LENGTH"]) * 20))
+        try:
+            result = importer.Importer(session, account.id, options, now=_now()).run(items)
+        except ShlhostError as exc:
+            _fail(exc)
+    for issue in result.issues:
+        if issue["severity"] in ("error", "warning"):
+            click.echo(f"{issue['severity']}: {issue['diagnostics']}", err=True)
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    prefix = "validated only, nothing written: " if validate_only else ""
+    click.echo(f"{prefix}{counts}" + (f" ({result.provenance})" if result.provenance else ""))
 
 
 def main() -> None:

@@ -11,8 +11,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 
 from shlhost import qr
-from shlhost.api.common import bearer_token, json_body, links, now
-from shlhost.errors import BadRequest, Conflict, UnsupportedMediaType
+from shlhost.accounts import TOKEN_PREFIX, account_for_token
+from shlhost.api.common import bearer_token, db, json_body, links, now
+from shlhost.errors import BadRequest, Conflict, Unauthorized, UnsupportedMediaType
 from shlhost.phr.formats import prepare_json, prepare_upload
 from shlhost.shl.links import EncryptedFile, LinkOptions, LinkService, NewFile, parse_exp
 from shlhost.storage.models import Link
@@ -85,11 +86,34 @@ def _qr_urls(link_id: str) -> dict[str, str]:
     }
 
 
+def _caller_account() -> int | None:
+    """The account of an API token in Authorization, None without one; 401 for a bad one."""
+    token = bearer_token()
+    if token is None or not token.startswith(TOKEN_PREFIX):
+        return None
+    found = account_for_token(db(), token)
+    if found is None:
+        raise Unauthorized("this API token is not valid", code="invalid_token")
+    return found
+
+
+@bp.get("/links")
+def list_links() -> Response:
+    """The links of the API token's account, newest first."""
+    account = _caller_account()
+    if account is None:
+        raise Unauthorized("listing links needs an API token: Authorization: Bearer <token>", code="unauthorized")
+    service = links()
+    moment = now()
+    return jsonify({"links": [service.describe(link, moment) for link in service.list_links(account)]})
+
+
 @bp.post("/links")
 def create_link() -> tuple[Response, int]:
+    account = _caller_account()
     files, raw = _read_request()
     service = links()
-    created = service.create(files, _options(raw), now=now())
+    created = service.create(files, _options(raw), now=now(), account_id=account)
     link = created.link
     answer = service.describe(link, now())
     answer.update({"management_token": created.management_token, "qr": _qr_urls(link.id)})
@@ -104,8 +128,11 @@ def create_link() -> tuple[Response, int]:
 
 
 def _owned(link_id: str) -> tuple[LinkService, Link]:
+    """The link, if the bearer is its management token or an API token of its account."""
     service = links()
-    return service, service.owned(link_id, bearer_token())
+    token = bearer_token()
+    account = account_for_token(db(), token) if token and token.startswith(TOKEN_PREFIX) else None
+    return service, service.owned(link_id, token, account_id=account)
 
 
 @bp.get("/links/<link_id>")

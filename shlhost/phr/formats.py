@@ -14,8 +14,9 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
+import orjson
 import pyzipper
 
 from shlhost.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -94,20 +95,53 @@ def iter_ndjson(lines: Iterable[bytes], source: str | None = None) -> Iterator[t
         text = raw.strip()
         if not text:
             continue
+        if number == 1 and text.startswith(b"\xef\xbb\xbf"):
+            text = text[3:]
         try:
-            obj = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            msg = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else "not valid UTF-8"
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            msg = "not valid UTF-8" if "utf-8" in str(exc).lower() else f"not valid JSON ({str(exc).split(':')[0]})"
             yield number, None, [Problem(msg, number, source=source)]
             continue
         resource, problems = clean_resource(obj, number, source)
         yield number, resource, problems
 
 
+class LineTooLong(Exception):
+    pass
+
+
+def capped_lines(stream: IO[bytes], max_line: int) -> Iterator[bytes]:
+    """Lines of a binary stream; a line longer than ``max_line`` is skipped to its end and
+    replaced by an empty marker, so one huge line never has to fit in memory."""
+    while True:
+        line = stream.readline(max_line + 1)
+        if not line:
+            return
+        if len(line) > max_line and not line.endswith(b"\n"):
+            while True:  # drain the rest of the monster line
+                rest = stream.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield TOO_LONG
+            continue
+        yield line
+
+
+TOO_LONG = b"\x00too-long\x00"
+
+
+def iter_ndjson_stream(stream: IO[bytes], source: str | None, max_line: int) -> Iterator[tuple[int, dict[str, Any] | None, list[Problem]]]:
+    for number, raw in enumerate(capped_lines(stream, max_line), start=1):
+        if raw is TOO_LONG:
+            yield number, None, [Problem(f"line longer than {max_line} bytes: skipped", number, source=source)]
+            continue
+        for _n, resource, problems in iter_ndjson([raw], source):
+            yield number, resource, [Problem(p.message, number, p.severity, p.source) for p in problems]
+
+
 def read_ndjson(data: bytes, source: str | None = None) -> Record:
     record = Record()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     for _n, resource, problems in iter_ndjson(io.BytesIO(data), source):
         record.problems.extend(problems)
         if resource is not None:
@@ -129,7 +163,7 @@ def read_bundle(obj: dict[str, Any], source: str | None = None) -> Record:
     return record
 
 
-def _guess_type(name: str) -> str:
+def guess_type(name: str) -> str:
     lower = name.lower()
     for suffix, mime in (
         (".jpg", "image/jpeg"), (".jpeg", "image/jpeg"), (".png", "image/png"),
@@ -147,17 +181,53 @@ def _junk(name: str) -> bool:
     return name.startswith("__MACOSX/") or base in (".DS_Store", "Thumbs.db") or base.startswith("._")
 
 
-def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
-    """Read a .sphr: a (possibly AES-encrypted) ZIP with .phr files and attachments.
+@dataclass
+class SphrArchive:
+    """A checked .sphr: its .phr members and its attachments (junk left out)."""
+
+    archive: Any
+    phr_names: list[str]
+    attachment_names: list[str]
+
+    def read(self, name: str) -> bytes:
+        try:
+            data: bytes = self.archive.read(name)
+            return data
+        except RuntimeError as exc:  # pyzipper: "Bad password for file ..."
+            if "password" in str(exc).lower():
+                raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
+            raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
+        except (*BAD_ZIP, OSError, EOFError, ValueError):
+            # Checksum or authentication failures of a tampered archive land here.
+            raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
+
+    def lines(self, name: str) -> Iterator[bytes]:
+        """A .phr member line by line, without inflating it whole."""
+        try:
+            with self.archive.open(name) as member:
+                yield from io.BufferedReader(member, 1 << 16)  # type: ignore[arg-type]
+        except RuntimeError as exc:
+            if "password" in str(exc).lower():
+                raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
+            raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
+        except (*BAD_ZIP, OSError, EOFError, ValueError):
+            raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+def open_sphr(fileobj: IO[bytes], password: str | None, max_size: int) -> SphrArchive:
+    """Open a .sphr: a (possibly AES-encrypted) ZIP with .phr files and attachments.
 
     Refuses unsafe archives outright: members outside the archive root (``../``, absolute
     paths), symlinks, too many members, or more than ``max_size`` bytes once inflated.
     """
     try:
-        archive = pyzipper.AESZipFile(io.BytesIO(data))
+        archive = pyzipper.AESZipFile(fileobj)
     except (*BAD_ZIP, OSError, ValueError):
         raise BadRequest("the .sphr is not a readable ZIP archive", code="invalid_sphr") from None
-    with archive:
+    try:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
             raise BadRequest("the .sphr has too many members", code="invalid_sphr")
@@ -173,44 +243,42 @@ def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
                 raise BadRequest("the .sphr inflates suspiciously (zip bomb?)", code="unsafe_archive")
         if total > max_size:
             raise PayloadTooLarge("the .sphr is larger than allowed once inflated", code="unsafe_archive")
-        encrypted = any(info.flag_bits & 0x1 for info in infos)
-        if encrypted:
+        if any(info.flag_bits & 0x1 for info in infos):
             if not password:
                 raise BadRequest("this .sphr is encrypted: give its password", code="sphr_password_required")
             archive.setpassword(password.encode())
-        record = Record()
-        phr_names: list[str] = []
-        try:
-            for info in infos:
-                name = info.filename
-                if info.is_dir() or _junk(name):
-                    continue
-                body = archive.read(name)
-                if name.lower().endswith(NDJSON_SUFFIXES):
-                    phr_names.append(name)
-                    sub = read_ndjson(body, source=name)
-                    record.resources.extend(sub.resources)
-                    record.problems.extend(sub.problems)
-                else:
-                    record.attachments[name] = Attachment(name, body, _guess_type(name))
-        except RuntimeError as exc:  # pyzipper: "Bad password for file ..."
-            if "password" in str(exc).lower():
-                raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
-            raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except (*BAD_ZIP, OSError, EOFError, ValueError):
-            # Checksum errors on a tampered archive land here (BadZipFile: Bad CRC / HMAC).
-            raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
+        members = [i.filename for i in infos if not i.is_dir() and not _junk(i.filename)]
+        phr_names = [n for n in members if n.lower().endswith(NDJSON_SUFFIXES)]
         if not phr_names:
             raise BadRequest("the .sphr holds no .phr file", code="invalid_sphr")
-        _link_attachments(record, phr_names)
+        return SphrArchive(archive, phr_names, [n for n in members if n not in phr_names])
+    except BaseException:
+        archive.close()
+        raise
+
+
+def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
+    """Read a whole .sphr into memory (for link uploads; the importer streams instead)."""
+    sphr = open_sphr(io.BytesIO(data), password, max_size)
+    try:
+        record = Record()
+        for name in sphr.phr_names:
+            sub = read_ndjson(sphr.read(name), source=name)
+            record.resources.extend(sub.resources)
+            record.problems.extend(sub.problems)
+        for name in sphr.attachment_names:
+            record.attachments[name] = Attachment(name, sphr.read(name), guess_type(name))
+        _link_attachments(record, sphr.phr_names)
         return record
+    finally:
+        sphr.close()
 
 
 def _link_attachments(record: Record, phr_names: list[str]) -> None:
     """Point Media/DocumentReference/Binary attachments with relative URLs at archive members."""
     base = posixpath.dirname(phr_names[0])
     for resource in record.resources:
-        for attachment in _attachments_of(resource):
+        for attachment in attachments_of(resource):
             url = attachment.get("url")
             if not isinstance(url, str) or "://" in url or url.startswith(("urn:", "#")):
                 continue
@@ -219,7 +287,7 @@ def _link_attachments(record: Record, phr_names: list[str]) -> None:
                 attachment["_archiveMember"] = member
 
 
-def _attachments_of(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def attachments_of(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
     rtype = resource.get("resourceType")
     if rtype == "Media" and isinstance(resource.get("content"), dict):
         yield resource["content"]
@@ -237,7 +305,7 @@ def inline_attachments(record: Record) -> None:
     """Embed referenced archive members as base64 ``data`` so a Bundle stands alone."""
     used: set[str] = set()
     for resource in record.resources:
-        for attachment in _attachments_of(resource):
+        for attachment in attachments_of(resource):
             member = attachment.pop("_archiveMember", None)
             if member:
                 att = record.attachments[member]

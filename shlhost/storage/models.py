@@ -14,6 +14,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     and_,
     or_,
@@ -63,7 +64,7 @@ class Link(Base):
 
     # 32 random bytes, base64url: 256 bits of entropy in the manifest url.
     id: Mapped[str] = mapped_column(String(43), primary_key=True)
-    account_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"), index=True)
     management_token_hash: Mapped[str] = mapped_column(String(64))
     # The link key, wrapped under the instance KEK. None when the client holds the key
     # (pre-encrypted uploads) or after revocation (crypto-shredded).
@@ -160,6 +161,107 @@ class Access(Base):
     action: Mapped[str] = mapped_column(String(16))  # manifest | file | direct
     outcome: Mapped[str] = mapped_column(String(32))  # ok | wrong_passcode | dead | ...
     file_id: Mapped[str | None] = mapped_column(String(22))
+
+
+# -- accounts and the versioned record store -------------------------------------------
+
+
+class Account(Base):
+    """A person or a system that owns patients' records and links."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token for programs; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ResourceRow(Base):
+    """One version of one FHIR resource. History is never deleted; ``current`` marks the
+    version a read returns. ``content`` is the resource without server-set meta fields."""
+
+    __tablename__ = "resources"
+    __table_args__ = (
+        Index("ix_resources_current_type", "account_id", "current", "resource_type"),
+        Index("ix_resources_patient", "account_id", "patient_id"),
+        Index("ix_resources_updated", "account_id", "last_updated"),
+    )
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    current: Mapped[bool] = mapped_column(Boolean)
+    last_updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    content: Mapped[str] = mapped_column(Text)
+    # SHA-256 of the canonical clinical content (no id, no meta): equal hash, same data.
+    content_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(500))
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("imports.id", ondelete="SET NULL"))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    # The resource's clinical date (ISO 8601 prefix) for date-range exports.
+    clinical_date: Mapped[str | None] = mapped_column(String(35))
+
+
+class ResourceIdentifier(Base):
+    """Business identifiers of current versions, for matching incoming resources."""
+
+    __tablename__ = "resource_identifiers"
+    __table_args__ = (Index("ix_resource_identifiers_lookup", "account_id", "resource_type", "system", "value"),)
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    system: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
+class ImportRecord(Base):
+    """One $import: the commit that the resources it wrote point back to."""
+
+    __tablename__ = "imports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(500))
+    format: Mapped[str] = mapped_column(String(16))
+    counts: Mapped[str] = mapped_column(Text)  # JSON
+    provenance_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class ResourceConflict(Base):
+    """An incoming version that disagrees with the stored one: kept until the owner decides."""
+
+    __tablename__ = "conflicts"
+    __table_args__ = (Index("ix_conflicts_open", "account_id", "resolved_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    stored_version: Mapped[int] = mapped_column(Integer)
+    incoming_content: Mapped[str] = mapped_column(Text)
+    incoming_hash: Mapped[str] = mapped_column(String(64))
+    incoming_source: Mapped[str | None] = mapped_column(String(500))
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("imports.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolution: Mapped[str | None] = mapped_column(String(32))
 
 
 class Blob(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,3 +67,56 @@ class Api:
 @pytest.fixture
 def api(client: FlaskClient) -> Api:
     return Api(client)
+
+
+class Fhir:
+    """An account with an API token, talking to /fhir like a program would."""
+
+    def __init__(self, client: FlaskClient, token: str, email: str) -> None:
+        self.client = client
+        self.token = token
+        self.email = email
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.client.get(f"/fhir/{path}", headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def put(self, path: str, body: Any, **kw: Any) -> Any:
+        return self.client.put(f"/fhir/{path}", json=body, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.client.post(f"/fhir/{path}", headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def import_(self, data: bytes, content_type: str = "application/x-ndjson", **params: str) -> Any:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.post(f"Bundle/$import?{query}", data=data, content_type=content_type)
+
+
+def counts(outcome: dict[str, Any]) -> dict[str, int]:
+    """The counts extension of an $import OperationOutcome."""
+    [ext] = outcome["extension"]
+    return {e["url"]: e["valueInteger"] for e in ext["extension"]}
+
+
+def new_account(runner: Any, email: str | None = None) -> tuple[str, str]:
+    """Create an account and an API token through the shlhost command, as an operator would."""
+    from shlhost.cli import cli
+
+    email = email or f"user-{uuid.uuid4().hex[:10]}@example.org"
+    result = runner.invoke(cli, ["user", "create", email], input="correct horse battery\n")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["token", "create", email])
+    assert result.exit_code == 0, result.output
+    return email, result.output.strip()
+
+
+@pytest.fixture
+def fhir(client: FlaskClient, runner: Any) -> Fhir:
+    email, token = new_account(runner)
+    return Fhir(client, token, email)
+
+
+@pytest.fixture
+def other(client: FlaskClient, runner: Any) -> Fhir:
+    email, token = new_account(runner)
+    return Fhir(client, token, email)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from shlhost.cli import cli
+from shlhost.storage import migrate
 from tests.conftest import fixture_path
 from tests.helpers import decode_link, minimal_bundle, read_qr
 
@@ -20,7 +21,7 @@ def _create(runner, tmp_path, *args):
 def test_db_upgrade_reports_the_revision(runner):
     result = runner.invoke(cli, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "revision 0001" in result.output
+    assert f"revision {migrate.head()}" in result.output
 
 
 def test_link_create_list_show_revoke(runner, tmp_path, client):
