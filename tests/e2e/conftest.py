@@ -28,8 +28,13 @@ from tests.conftest import ROOT, LiveServer, require
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 TIMEOUT_MS = 15_000
@@ -47,8 +52,13 @@ def playwright_api() -> Iterator[Any]:
 
 
 def launch(playwright_api: Any, extra_args: list[str] | None = None) -> Any:
-    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (never a browser download)")
-    return playwright_api.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + (extra_args or []))
+    require(
+        CHROMIUM.exists(),
+        f"{CHROMIUM} is missing: apt-get install -y chromium (never a browser download)",
+    )
+    return playwright_api.chromium.launch(
+        executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + (extra_args or [])
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +114,9 @@ def new_tab(browser: Any, **context_options: Any) -> tuple[Any, Tab]:
     page = context.new_page()
     tab = Tab(page)
     page.on("request", lambda req: tab.requests.append(req))
-    page.on("console", lambda msg: tab.console_errors.append(msg.text) if msg.type == "error" else None)
+    page.on(
+        "console", lambda msg: tab.console_errors.append(msg.text) if msg.type == "error" else None
+    )
     page.on("pageerror", lambda exc: tab.page_errors.append(str(exc)))
 
     def on_dialog(dialog: Any) -> None:
@@ -133,22 +145,36 @@ def bundle(*resources: dict[str, Any]) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
         "type": "collection",
-        "entry": [{"fullUrl": f"urn:uuid:{r['resourceType'].lower()}-{i}", "resource": r}
-                  for i, r in enumerate(resources)],
+        "entry": [
+            {"fullUrl": f"urn:uuid:{r['resourceType'].lower()}-{i}", "resource": r}
+            for i, r in enumerate(resources)
+        ],
     }
 
 
 def patient(name: str = "Ada Lovelace", **extra: Any) -> dict[str, Any]:
     given, family = name.split(" ", 1)
-    return {"resourceType": "Patient", "id": "p1", "name": [{"use": "official", "family": family, "given": [given]}],
-            "birthDate": "1815-12-10", "gender": "female",
-            "identifier": [{"type": {"text": "MRN"}, "value": "MRN-0042"}], **extra}
+    return {
+        "resourceType": "Patient",
+        "id": "p1",
+        "name": [{"use": "official", "family": family, "given": [given]}],
+        "birthDate": "1815-12-10",
+        "gender": "female",
+        "identifier": [{"type": {"text": "MRN"}, "value": "MRN-0042"}],
+        **extra,
+    }
 
 
 def medication(text: str, ident: str) -> dict[str, Any]:
-    return {"resourceType": "MedicationStatement", "id": ident, "status": "active",
-            "subject": {"reference": "Patient/p1"}, "medicationCodeableConcept": {"text": text},
-            "dosage": [{"text": "1 tablet daily"}], "effectiveDateTime": "2024-03-01"}
+    return {
+        "resourceType": "MedicationStatement",
+        "id": ident,
+        "status": "active",
+        "subject": {"reference": "Patient/p1"},
+        "medicationCodeableConcept": {"text": text},
+        "dosage": [{"text": "1 tablet daily"}],
+        "effectiveDateTime": "2024-03-01",
+    }
 
 
 def sample_record(name: str = "Ada Lovelace") -> dict[str, Any]:
@@ -157,22 +183,51 @@ def sample_record(name: str = "Ada Lovelace") -> dict[str, Any]:
         patient(name),
         medication("Metformin 500 mg tablet", "m1"),
         medication("Lisinopril 10 mg tablet", "m2"),
-        {"resourceType": "AllergyIntolerance", "id": "a1", "patient": {"reference": "Patient/p1"},
-         "code": {"text": "Penicillin"}, "criticality": "high",
-         "clinicalStatus": {"coding": [{"code": "active"}]},
-         "reaction": [{"manifestation": [{"text": "Hives"}], "severity": "moderate"}]},
-        {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006",
-                              "display": "Type 2 diabetes mellitus"}]},
-         "clinicalStatus": {"coding": [{"code": "active"}]}, "onsetDateTime": "2019-05-02"},
-        {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
-         "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4", "display": "Hemoglobin A1c"}]},
-         "valueQuantity": {"value": 7.2, "unit": "%"}, "effectiveDateTime": "2024-02-20T09:30:00Z",
-         "referenceRange": [{"high": {"value": 5.7, "unit": "%"}}]},
+        {
+            "resourceType": "AllergyIntolerance",
+            "id": "a1",
+            "patient": {"reference": "Patient/p1"},
+            "code": {"text": "Penicillin"},
+            "criticality": "high",
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+            "reaction": [{"manifestation": [{"text": "Hives"}], "severity": "moderate"}],
+        },
+        {
+            "resourceType": "Condition",
+            "id": "c1",
+            "subject": {"reference": "Patient/p1"},
+            "code": {
+                "coding": [
+                    {
+                        "system": "http://snomed.info/sct",
+                        "code": "44054006",
+                        "display": "Type 2 diabetes mellitus",
+                    }
+                ]
+            },
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+            "onsetDateTime": "2019-05-02",
+        },
+        {
+            "resourceType": "Observation",
+            "id": "o1",
+            "status": "final",
+            "subject": {"reference": "Patient/p1"},
+            "code": {
+                "coding": [
+                    {"system": "http://loinc.org", "code": "4548-4", "display": "Hemoglobin A1c"}
+                ]
+            },
+            "valueQuantity": {"value": 7.2, "unit": "%"},
+            "effectiveDateTime": "2024-02-20T09:30:00Z",
+            "referenceRange": [{"high": {"value": 5.7, "unit": "%"}}],
+        },
     )
 
 
-def create_link(server: LiveServer, content: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+def create_link(
+    server: LiveServer, content: dict[str, Any] | None = None, **options: Any
+) -> dict[str, Any]:
     files = [{"contentType": "application/fhir+json", "content": content or sample_record()}]
     r = requests.post(server.url + "/api/links", json={"files": files, **options}, timeout=30)
     assert r.status_code == 201, r.text
@@ -180,10 +235,15 @@ def create_link(server: LiveServer, content: dict[str, Any] | None = None, **opt
     return created
 
 
-def create_encrypted_link(server: LiveServer, jwe: str, content_type: str, **options: Any) -> dict[str, Any]:
+def create_encrypted_link(
+    server: LiveServer, jwe: str, content_type: str, **options: Any
+) -> dict[str, Any]:
     """Upload a JWE the test encrypted itself: the server never sees the key."""
-    r = requests.post(server.url + "/api/links", json={
-        "files": [{"contentType": content_type, "jwe": jwe}], **options}, timeout=30)
+    r = requests.post(
+        server.url + "/api/links",
+        json={"files": [{"contentType": content_type, "jwe": jwe}], **options},
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
     created: dict[str, Any] = r.json()
     return created
@@ -202,7 +262,9 @@ def encrypt_jwe(plaintext: bytes, key: bytes, content_type: str, *, deflate: boo
     return ".".join((protected, "", b64url(iv), b64url(sealed[:-16]), b64url(sealed[-16:])))
 
 
-def shlink(url: str, key: bytes | str, *, flag: str = "", label: str | None = None, **extra: Any) -> str:
+def shlink(
+    url: str, key: bytes | str, *, flag: str = "", label: str | None = None, **extra: Any
+) -> str:
     data: dict[str, Any] = {"url": url, "key": key if isinstance(key, str) else b64url(key)}
     if flag:
         data["flag"] = flag

@@ -34,7 +34,9 @@ class OtherShlServer:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
+            def _send(
+                self, status: int, body: bytes = b"", content_type: str = "application/json"
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Access-Control-Allow-Origin", "*")
                 self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
@@ -49,7 +51,9 @@ class OtherShlServer:
                 self._send(204)
 
             def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = json.loads(
+                    self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}"
+                )
                 outer.seen.append(("POST", self.path, body))
                 if self.path != outer.link_path:
                     self._send(404, b'{"error":"not_found"}')
@@ -57,14 +61,22 @@ class OtherShlServer:
                     self._send(401, b'{"remainingAttempts":2}')
                 else:
                     host = self.headers["Host"]
-                    manifest = {"status": "finalized", "files": [{
-                        "contentType": "application/fhir+json",
-                        "location": f"http://{host}/files/1?ticket=abc"}]}
+                    manifest = {
+                        "status": "finalized",
+                        "files": [
+                            {
+                                "contentType": "application/fhir+json",
+                                "location": f"http://{host}/files/1?ticket=abc",
+                            }
+                        ],
+                    }
                     self._send(200, json.dumps(manifest).encode())
 
             def do_GET(self) -> None:  # noqa: N802
                 outer.seen.append(("GET", self.path, None))
-                if urlsplit(self.path).path == "/files/1" and parse_qs(urlsplit(self.path).query).get("ticket"):
+                if urlsplit(self.path).path == "/files/1" and parse_qs(
+                    urlsplit(self.path).query
+                ).get("ticket"):
                     self._send(200, outer.jwe.encode(), "application/jose")
                 else:
                     self._send(404, b'{"error":"not_found"}')
@@ -82,7 +94,12 @@ class OtherShlServer:
 @pytest.fixture
 def other_server() -> Iterator[tuple[OtherShlServer, bytes]]:
     key = secrets.token_bytes(32)
-    jwe = encrypt_jwe(json.dumps(sample_record("Katherine Johnson")).encode(), key, "application/fhir+json", deflate=True)
+    jwe = encrypt_jwe(
+        json.dumps(sample_record("Katherine Johnson")).encode(),
+        key,
+        "application/fhir+json",
+        deflate=True,
+    )
     server = OtherShlServer(jwe, passcode="orbit")
     yield server, key
     server.stop()
@@ -99,7 +116,10 @@ def test_viewer_opens_a_link_hosted_by_another_server(live_server, tab, other_se
     tab.page.press("#passcode", "Enter")
     tab.wait_record()
     assert tab.page.inner_text(".patient-name") == "Katherine Johnson"
-    assert len(tab.page.locator("section.panel", has_text="Medications").locator("tbody tr").all()) == 2
+    assert (
+        len(tab.page.locator("section.panel", has_text="Medications").locator("tbody tr").all())
+        == 2
+    )
 
     methods = [m for m, _, _ in server.seen]
     assert "OPTIONS" in methods  # a real cross-origin preflight happened

@@ -51,11 +51,14 @@ def camera_link(live_server: Any, tmp_path: Path) -> tuple[dict[str, Any], Path]
 @pytest.fixture
 def camera_browser(playwright_api: Any, camera_link: tuple[dict[str, Any], Path]) -> Iterator[Any]:
     _created, video = camera_link
-    instance = launch(playwright_api, [
-        "--use-fake-device-for-media-stream",
-        "--use-fake-ui-for-media-stream",
-        f"--use-file-for-fake-video-capture={video}",
-    ])
+    instance = launch(
+        playwright_api,
+        [
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={video}",
+        ],
+    )
     yield instance
     instance.close()
 

@@ -46,7 +46,9 @@ def _bearer(created: dict[str, Any]) -> dict[str, str]:
 
 
 def _accesses(server: Any, created: dict[str, Any]) -> list[dict[str, Any]]:
-    r = requests.get(f"{server.url}/api/links/{created['id']}/accesses", headers=_bearer(created), timeout=30)
+    r = requests.get(
+        f"{server.url}/api/links/{created['id']}/accesses", headers=_bearer(created), timeout=30
+    )
     assert r.status_code == 200, r.text
     rows: list[dict[str, Any]] = r.json()["accesses"]
     return rows
@@ -105,7 +107,12 @@ def test_passcode_link_wrong_then_right_shows_the_record(live_server, tab):
 
 def test_the_key_never_leaves_the_browser_and_nothing_goes_elsewhere(live_server, tab):
     created = create_link(live_server, passcode="pw")
-    key = created["shlink"] and json.loads(base64.urlsafe_b64decode(created["shlink"].split("shlink:/")[1] + "=="))["key"]
+    key = (
+        created["shlink"]
+        and json.loads(base64.urlsafe_b64decode(created["shlink"].split("shlink:/")[1] + "=="))[
+            "key"
+        ]
+    )
     tab.open(created["viewer_url"])
     tab.submit(passcode="pw")
     tab.wait_record()
@@ -113,7 +120,9 @@ def test_the_key_never_leaves_the_browser_and_nothing_goes_elsewhere(live_server
     urls = [r.url for r in tab.requests]
     assert any(u.endswith("/view") for u in urls), urls
     for request in tab.requests:
-        assert request.url.startswith(live_server.url + "/") or request.url.startswith("blob:"), request.url
+        assert request.url.startswith(live_server.url + "/") or request.url.startswith("blob:"), (
+            request.url
+        )
         assert "shlink" not in request.url and key not in request.url and "#" not in request.url
         assert key not in (request.post_data or "")
         assert not request.headers.get("referer"), request.headers  # Referrer-Policy: no-referrer
@@ -130,7 +139,9 @@ def test_the_key_never_leaves_the_browser_and_nothing_goes_elsewhere(live_server
 def test_locked_link_after_the_budget_is_spent(live_server, tab):
     created = create_link(live_server, passcode="right")
     for i in range(4):  # spend four of the five attempts elsewhere
-        r = requests.post(created["url"], json={"recipient": "someone", "passcode": f"no{i}"}, timeout=30)
+        r = requests.post(
+            created["url"], json={"recipient": "someone", "passcode": f"no{i}"}, timeout=30
+        )
         assert r.json() == {"remainingAttempts": 4 - i}
     tab.open(created["viewer_url"])
     tab.submit(passcode="still wrong")
@@ -155,9 +166,14 @@ def test_u_link_fetches_the_one_file_with_the_recipient(live_server, tab):
     assert tab.page.inner_text(".patient-name") == "Ada Lovelace"
     gets = [r for r in tab.requests if "/shl/" in r.url]
     assert [r.method for r in gets] == ["GET"]
-    assert "recipient=Dr.+Rivera%2C+City+Clinic" in gets[0].url or "recipient=Dr.%20Rivera" in gets[0].url
+    assert (
+        "recipient=Dr.+Rivera%2C+City+Clinic" in gets[0].url
+        or "recipient=Dr.%20Rivera" in gets[0].url
+    )
     accesses = _accesses(live_server, created)
-    assert [(a["action"], a["recipient"]) for a in accesses] == [("direct", "Dr. Rivera, City Clinic")]
+    assert [(a["action"], a["recipient"]) for a in accesses] == [
+        ("direct", "Dr. Rivera, City Clinic")
+    ]
     # The name is remembered: the next non-passcode link opens without asking.
     other = create_link(live_server, label="Second")
     tab.open(other["viewer_url"])
@@ -167,9 +183,13 @@ def test_u_link_fetches_the_one_file_with_the_recipient(live_server, tab):
 
 def test_long_term_link_without_zip_and_its_updates(live_server, tab):
     created = create_link(live_server, flags="L")
-    answer = requests.post(created["url"], json={"recipient": "probe", "embeddedLengthMax": 10**6}, timeout=30).json()
+    answer = requests.post(
+        created["url"], json={"recipient": "probe", "embeddedLengthMax": 10**6}, timeout=30
+    ).json()
     assert answer["status"] == "can-change"
-    header = json.loads(base64.urlsafe_b64decode(answer["files"][0]["embedded"].split(".")[0] + "=="))
+    header = json.loads(
+        base64.urlsafe_b64decode(answer["files"][0]["embedded"].split(".")[0] + "==")
+    )
     assert "zip" not in header  # the server emits zip-free JWE
     tab.open(created["viewer_url"])
     tab.submit()
@@ -179,8 +199,12 @@ def test_long_term_link_without_zip_and_its_updates(live_server, tab):
     # The patient replaces the file; "Check for updates" shows the new content.
     file_id = created["files"][0]["id"]
     new = bundle(patient("Ada Lovelace"), medication("Atorvastatin 20 mg", "m9"))
-    r = requests.put(f"{live_server.url}/api/links/{created['id']}/files/{file_id}", headers=_bearer(created),
-                     json={"files": [{"contentType": "application/fhir+json", "content": new}]}, timeout=30)
+    r = requests.put(
+        f"{live_server.url}/api/links/{created['id']}/files/{file_id}",
+        headers=_bearer(created),
+        json={"files": [{"contentType": "application/fhir+json", "content": new}]},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     tab.page.click("text=Check for updates")
     expect(tab.page.locator("#record")).to_contain_text("Atorvastatin 20 mg", timeout=TIMEOUT_MS)
@@ -193,7 +217,9 @@ def test_zip_def_file_encrypted_elsewhere(live_server, tab):
     jwe = encrypt_jwe(json.dumps(record).encode(), key, "application/fhir+json", deflate=True)
     created = create_encrypted_link(live_server, jwe, "application/fhir+json")
     assert created["shlink"] is None  # the server never saw the key
-    tab.open(viewer_url(live_server, shlink(created["url"], key, label="Encrypted by the patient's app")))
+    tab.open(
+        viewer_url(live_server, shlink(created["url"], key, label="Encrypted by the patient's app"))
+    )
     tab.submit()
     tab.wait_record()
     assert tab.page.inner_text(".patient-name") == "Grace Hopper"
@@ -213,12 +239,36 @@ def test_embedded_image_and_pdf(live_server, browser, tab):
     pdf = base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n").decode()
     record = bundle(
         patient(),
-        {"resourceType": "Media", "id": "img1", "status": "completed", "modality": {"text": "Wound photo"},
-         "createdDateTime": "2024-01-05", "content": {"contentType": "image/png", "data": png, "title": "wound.png"}},
-        {"resourceType": "DocumentReference", "id": "d1", "status": "current", "description": "Discharge letter",
-         "date": "2024-01-06T10:00:00Z", "content": [{"attachment": {"contentType": "application/pdf", "data": pdf}}]},
-        {"resourceType": "DocumentReference", "id": "d2", "status": "current", "description": "Evil page",
-         "content": [{"attachment": {"contentType": "text/html", "data": base64.b64encode(b"<script>x</script>").decode()}}]},
+        {
+            "resourceType": "Media",
+            "id": "img1",
+            "status": "completed",
+            "modality": {"text": "Wound photo"},
+            "createdDateTime": "2024-01-05",
+            "content": {"contentType": "image/png", "data": png, "title": "wound.png"},
+        },
+        {
+            "resourceType": "DocumentReference",
+            "id": "d1",
+            "status": "current",
+            "description": "Discharge letter",
+            "date": "2024-01-06T10:00:00Z",
+            "content": [{"attachment": {"contentType": "application/pdf", "data": pdf}}],
+        },
+        {
+            "resourceType": "DocumentReference",
+            "id": "d2",
+            "status": "current",
+            "description": "Evil page",
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "text/html",
+                        "data": base64.b64encode(b"<script>x</script>").decode(),
+                    }
+                }
+            ],
+        },
     )
     created = create_link(live_server, record)
     tab.open(created["viewer_url"])
@@ -233,7 +283,9 @@ def test_embedded_image_and_pdf(live_server, browser, tab):
     assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [40, 30]
     assert tab.page.locator("a", has_text="Open PDF").get_attribute("href").startswith("blob:")
     html_link = tab.page.locator("a", has_text="Download text/html")
-    assert html_link.get_attribute("download") and html_link.get_attribute("href").startswith("blob:")
+    assert html_link.get_attribute("download") and html_link.get_attribute("href").startswith(
+        "blob:"
+    )
     _assert_clean(tab)
 
     # What types the blobs carry (reading a blob: URL needs connect-src, which the real
@@ -246,7 +298,10 @@ def test_embedded_image_and_pdf(live_server, browser, tab):
         blob_type = "async (a) => (await (await fetch(a.href)).blob()).type"
         assert raw.page.locator("a", has_text="Open PDF").evaluate(blob_type) == "application/pdf"
         # HTML is never given a type that a browser would run: it is offered as a download.
-        assert raw.page.locator("a", has_text="Download text/html").evaluate(blob_type) == "application/octet-stream"
+        assert (
+            raw.page.locator("a", has_text="Download text/html").evaluate(blob_type)
+            == "application/octet-stream"
+        )
     finally:
         context.close()
 
@@ -256,19 +311,28 @@ def test_revoked_link_shows_the_dead_link_message(live_server, tab):
     tab.open(created["viewer_url"])
     tab.submit()
     tab.wait_record()
-    r = requests.delete(f"{live_server.url}/api/links/{created['id']}", headers=_bearer(created), timeout=30)
+    r = requests.delete(
+        f"{live_server.url}/api/links/{created['id']}", headers=_bearer(created), timeout=30
+    )
     assert r.status_code == 204
     tab.page.reload()
     tab.page.locator("#message").wait_for(state="visible")
     message = tab.message()
-    assert "This link is no longer available" in message and "Ask the patient for a new link" in message
+    assert (
+        "This link is no longer available" in message
+        and "Ask the patient for a new link" in message
+    )
     assert tab.page.is_hidden("#record") and tab.page.is_hidden("#access-form")
     tab.screenshot("viewer-dead-link.png")
 
 
 def test_wrong_key_says_the_file_cannot_be_decrypted(live_server, tab):
     created = create_link(live_server, label="Damaged key")
-    tab.open(viewer_url(live_server, shlink(created["url"], secrets.token_bytes(32), label="Damaged key")))
+    tab.open(
+        viewer_url(
+            live_server, shlink(created["url"], secrets.token_bytes(32), label="Damaged key")
+        )
+    )
     tab.submit()
     message = tab.message()
     assert "could not be decrypted" in message and "key" in message
@@ -298,6 +362,9 @@ def test_start_page_without_a_link_offers_paste_and_scan(live_server, tab):
     assert tab.page.inner_text("#open-title") == "Open a link"
     assert tab.page.is_visible("#paste") and tab.page.is_visible("#scan-button")
     assert tab.page.is_hidden("#message") and tab.page.is_hidden("#access-form")
+    # Nothing that belongs to a link or a running camera shows before there is one.
+    assert tab.page.is_hidden("#link-info") and tab.page.is_hidden("#scan-stop")
+    assert tab.page.is_hidden("#scan-video") and tab.page.is_hidden("#record")
 
 
 XSS = '<img src=x onerror="alert(1)">'
@@ -305,11 +372,20 @@ XSS = '<img src=x onerror="alert(1)">'
 
 def test_untrusted_text_is_shown_as_text_and_never_runs(live_server, tab):
     record = bundle(
-        patient("Eve Mallory", text={"status": "generated",
-                                     "div": '<div xmlns="http://www.w3.org/1999/xhtml">NARRATIVE-MARKER'
-                                            '<script>alert(2)</script></div>'}),
+        patient(
+            "Eve Mallory",
+            text={
+                "status": "generated",
+                "div": '<div xmlns="http://www.w3.org/1999/xhtml">NARRATIVE-MARKER'
+                "<script>alert(2)</script></div>",
+            },
+        ),
         medication(XSS + " 5 mg", "m1"),
-        {"resourceType": "Condition", "id": "c1", "code": {"text": "<b>bold</b><script>alert(3)</script>"}},
+        {
+            "resourceType": "Condition",
+            "id": "c1",
+            "code": {"text": "<b>bold</b><script>alert(3)</script>"},
+        },
     )
     created = create_link(live_server, record, label=XSS)
     tab.open(created["viewer_url"])
@@ -343,7 +419,9 @@ def test_security_headers_and_no_inline_code(live_server):
     assert "camera=(self)" in r.headers["Permissions-Policy"]
     assert "Strict-Transport-Security" not in r.headers  # plain HTTP here
     # HTTPS (behind a proxy gunicorn trusts): HSTS appears.
-    https = requests.get(live_server.url + "/view", headers={"X-Forwarded-Proto": "https"}, timeout=30)
+    https = requests.get(
+        live_server.url + "/view", headers={"X-Forwarded-Proto": "https"}, timeout=30
+    )
     assert "max-age=" in https.headers.get("Strict-Transport-Security", "")
     # The page carries no inline script, no inline style, no style attribute.
     html = r.text
@@ -352,18 +430,30 @@ def test_security_headers_and_no_inline_code(live_server):
     # The data plane keeps its CORS answers next to the new headers.
     shl = requests.post(live_server.url + "/shl/" + "x" * 43, json={"recipient": "r"}, timeout=30)
     assert shl.status_code == 404
-    assert shl.headers["Access-Control-Allow-Origin"] == "*" and "Content-Security-Policy" in shl.headers
-    pre = requests.options(live_server.url + "/shl/" + "x" * 43, timeout=30,
-                           headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert (
+        shl.headers["Access-Control-Allow-Origin"] == "*"
+        and "Content-Security-Policy" in shl.headers
+    )
+    pre = requests.options(
+        live_server.url + "/shl/" + "x" * 43,
+        timeout=30,
+        headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"},
+    )
     assert pre.headers["Access-Control-Allow-Origin"] == "*"
 
 
 def test_phone_sized_screen_has_no_horizontal_overflow(live_server, browser):
     long_id = "X" * 120
     record = sample_record()
-    record["entry"][0]["resource"]["identifier"].append({"system": "urn:oid:1.2.3", "value": long_id})
-    created = create_link(live_server, record, label="A rather long label that has to wrap on a phone screen ok")
-    context, tab = new_tab(browser, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    record["entry"][0]["resource"]["identifier"].append(
+        {"system": "urn:oid:1.2.3", "value": long_id}
+    )
+    created = create_link(
+        live_server, record, label="A rather long label that has to wrap on a phone screen ok"
+    )
+    context, tab = new_tab(
+        browser, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
     try:
         tab.open(created["viewer_url"])
         tab.submit()
@@ -371,7 +461,9 @@ def test_phone_sized_screen_has_no_horizontal_overflow(live_server, browser):
         widths = tab.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
         assert widths[0] <= widths[1], widths
         # Tables turn into labelled cards: the column name is visible next to each value.
-        label = tab.page.evaluate("getComputedStyle(document.querySelector('table.data td'), '::before').content")
+        label = tab.page.evaluate(
+            "getComputedStyle(document.querySelector('table.data td'), '::before').content"
+        )
         assert label.strip('"') == "Substance"  # the first table: allergies
     finally:
         context.close()
@@ -399,11 +491,16 @@ def test_smart_health_card_from_the_spec(live_server, tab):
     example = SHARED / "fixtures" / "shl-spec-example.jwe"
     require(example.is_file(), f"the spec's example JWE is not at {example} (../shared is absent)")
     key = "rxTgYlOaKJPFtcEd0qcceN8wEU4p94SqAwIWQe6uX7Q"
-    created = create_encrypted_link(live_server, example.read_text().strip(), "application/smart-health-card")
+    created = create_encrypted_link(
+        live_server, example.read_text().strip(), "application/smart-health-card"
+    )
     tab.open(viewer_url(live_server, shlink(created["url"], key, label="Vaccination card")))
     tab.submit()
     tab.wait_record()
-    assert tab.page.inner_text(".file-title") == "SMART Health Card (signature not verified in the browser)"
+    assert (
+        tab.page.inner_text(".file-title")
+        == "SMART Health Card (signature not verified in the browser)"
+    )
     assert tab.page.inner_text(".patient-name") == "John B. Anyperson"
     rows = _table_rows(tab, "Immunizations")
     assert len(rows) == 3 and "CVX 229" in rows[0] and "ABC General Hospital" in rows[0]
@@ -413,7 +510,9 @@ def test_smart_health_card_from_the_spec(live_server, tab):
 def test_unknown_properties_and_flags_are_ignored(live_server, tab):
     created = create_link(live_server)
     key = json.loads(base64.urlsafe_b64decode(created["shlink"].split("shlink:/")[1] + "=="))["key"]
-    link = shlink(created["url"], key, flag="LQZ", label="Future link", v=2, _ext={"x": 1}, extra="ignored")
+    link = shlink(
+        created["url"], key, flag="LQZ", label="Future link", v=2, _ext={"x": 1}, extra="ignored"
+    )
     tab.open(viewer_url(live_server, link))
     tab.submit()
     tab.wait_record()

@@ -43,8 +43,10 @@ def test_data_plane_keeps_its_cors_answers(client):
     assert dead.status_code == 404
     assert dead.headers["Access-Control-Allow-Origin"] == "*"
     assert "Content-Security-Policy" in dead.headers
-    pre = client.options("/shl/" + "x" * 43, headers={"Origin": "https://viewer.example",
-                                                       "Access-Control-Request-Method": "POST"})
+    pre = client.options(
+        "/shl/" + "x" * 43,
+        headers={"Origin": "https://viewer.example", "Access-Control-Request-Method": "POST"},
+    )
     assert pre.headers["Access-Control-Allow-Origin"] == "*"
     assert "Content-Type" in pre.headers["Access-Control-Allow-Headers"]
 
@@ -54,7 +56,10 @@ def test_a_view_may_set_its_own_policy(app):
     def custom():  # a view that needs something else keeps its header
         return "ok", 200, {"Content-Security-Policy": "default-src 'none'"}
 
-    assert app.test_client().get("/_custom_csp").headers["Content-Security-Policy"] == "default-src 'none'"
+    assert (
+        app.test_client().get("/_custom_csp").headers["Content-Security-Policy"]
+        == "default-src 'none'"
+    )
 
 
 def test_viewer_page_holds_no_key_and_no_inline_code(client):
@@ -69,11 +74,16 @@ def test_viewer_page_holds_no_key_and_no_inline_code(client):
     assert (ROOT / "static" / "vendor" / "jsQR.LICENSE").is_file()
 
 
-@pytest.mark.parametrize("template", sorted(str(p.relative_to(ROOT / "templates")) for p in (ROOT / "templates").rglob("*.html")))
+@pytest.mark.parametrize(
+    "template",
+    sorted(str(p.relative_to(ROOT / "templates")) for p in (ROOT / "templates").rglob("*.html")),
+)
 def test_templates_have_no_inline_script_or_style(template):
     """The CSP blocks inline code, so a template that has some would break in browsers."""
     text = (ROOT / "templates" / template).read_text()
-    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", text) == [], "inline <script>: move it to static/"
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", text) == [], (
+        "inline <script>: move it to static/"
+    )
     assert "<style" not in text, "inline <style>: move it to static/*.css"
     assert not re.search(r"\sstyle\s*=", text), "style= attribute: use a class"
     assert not re.search(r"\son[a-z]+\s*=", text), "inline event handler: use addEventListener"
