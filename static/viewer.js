@@ -22,6 +22,7 @@
 
   var state = { link: null, keyBytes: null, passcode: null, lastRemaining: null, busy: false };
   var blobUrls = [];
+  var generation = 0; // bumped on every new link: late answers for an old link are dropped
   var scanner = { stream: null, timer: null };
 
   // ------------------------------------------------------------------ small helpers
@@ -909,6 +910,7 @@
   async function openRecord() {
     if (state.busy || !state.link) return;
     var link = state.link;
+    var mine = generation;
     var recipient = $("recipient").value.trim();
     if (!recipient) {
       showMessage("error", "Who is asking?", "Enter your name or organisation: the server needs it for the patient's access log.");
@@ -938,6 +940,7 @@
     try {
       progress("Asking " + hostOf(link.url) + " for the record…");
       var listing = await fetchFiles(link, recipient, passcode);
+      if (mine !== generation) return;
       state.passcode = passcode;
       $("access-form").hidden = true;
       if (!listing.files.length) throw new ViewerError("empty", "The link holds no files", "There is nothing to show.");
@@ -948,6 +951,7 @@
           return { error: new ViewerError("format", "A file could not be read", String(err && err.message)) };
         });
       }));
+      if (mine !== generation) return;
       var rec = $("record");
       for (var i = 0; i < loaded.length; i++) rec.appendChild(await renderFile(loaded[i], i + 1));
       rec.hidden = false;
@@ -965,6 +969,7 @@
         first.focus({ preventScroll: true });
       }
     } catch (err) {
+      if (mine !== generation) return;
       var e = err instanceof ViewerError ? err : new ViewerError("error", "Something went wrong", String(err && err.message));
       showMessage("error", e.title, e.text);
       if (e.kind === "passcode" && e.remaining !== 0) {
@@ -975,9 +980,11 @@
         showAccessForm(link); // network trouble, rate limits: let the person try again
       }
     } finally {
-      progress("");
-      state.busy = false;
-      $("open-button").disabled = false;
+      if (mine === generation) {
+        progress("");
+        state.busy = false;
+        $("open-button").disabled = false;
+      }
     }
   }
 
@@ -990,7 +997,9 @@
   }
 
   function route() {
+    generation += 1;
     resetPage();
+    $("open-button").disabled = false;
     var hash = location.hash ? location.hash.slice(1) : "";
     if (!hash) {
       $("open-title").textContent = "Open a link";
