@@ -1,7 +1,7 @@
 """Scanning a QR code with the camera: Chromium's fake camera plays a video of the QR.
 
-The QR is drawn by segno at level M from the viewer link the API returned; the vendored
-jsQR decoder in the page must find it in the camera frames and open the link.
+The QR is the server's own ``qr.png?viewer=1`` (the image a patient prints or shows); the
+vendored jsQR decoder in the page must find it in the camera frames and open the link.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.e2e.conftest import create_link, launch, new_tab
 
@@ -20,14 +21,13 @@ pytestmark = pytest.mark.live
 WIDTH, HEIGHT = 640, 480
 
 
-def write_y4m(path: Path, text: str) -> None:
-    """A few frames of YUV 4:2:0 video showing the QR code of ``text`` on white."""
-    import segno
+def write_y4m(path: Path, png: bytes) -> None:
+    """A few frames of YUV 4:2:0 video showing the PNG (a QR code) on white."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    segno.make(text, error="m", boost_error=False).save(buf, kind="png", scale=4, border=4)
-    code = Image.open(buf).convert("L")
+    code = Image.open(io.BytesIO(png)).convert("L")
+    if code.height > HEIGHT - 20 or code.width > WIDTH - 20:
+        code.thumbnail((WIDTH - 20, HEIGHT - 20), Image.LANCZOS)
     scale = min((HEIGHT - 20) // code.height, (WIDTH - 20) // code.width) or 1
     code = code.resize((code.width * scale, code.height * scale), Image.NEAREST)
     frame = Image.new("L", (WIDTH, HEIGHT), 255)
@@ -43,8 +43,14 @@ def write_y4m(path: Path, text: str) -> None:
 @pytest.fixture
 def camera_link(live_server: Any, tmp_path: Path) -> tuple[dict[str, Any], Path]:
     created = create_link(live_server, label="Scanned at the front desk")
+    qr = requests.get(
+        f"{live_server.url}{created['qr']['png']}?viewer=1",
+        headers={"Authorization": f"Bearer {created['management_token']}"},
+        timeout=30,
+    )
+    assert qr.status_code == 200 and qr.headers["Content-Type"] == "image/png"
     video = tmp_path / "qr.y4m"
-    write_y4m(video, created["viewer_url"])
+    write_y4m(video, qr.content)
     return created, video
 
 
