@@ -133,7 +133,7 @@ def test_the_key_never_leaves_the_browser_and_nothing_goes_elsewhere(live_server
     # The server's own request log never saw the payload or the key either.
     log = live_server.output()
     assert "GET /view" in log
-    assert "shlink" not in log and key not in log
+    assert "shlink:/eyJ" not in log and key not in log  # no payload (base64 of {"...), no key
 
 
 def test_locked_link_after_the_budget_is_spent(live_server, tab):
