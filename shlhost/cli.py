@@ -297,6 +297,25 @@ def phr_import(file: str, email: str, source: str | None, strategy: str, validat
     click.echo(f"{prefix}{counts}" + (f" ({result.provenance})" if result.provenance else ""))
 
 
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="say what would be purged and deleted; change nothing")
+@with_appcontext
+def gc_command(dry_run: bool) -> None:
+    """Purge the ciphertext of links expired or revoked more than RETENTION_DAYS ago (the
+    tombstone and the access log stay), and delete orphaned blobs older than
+    BLOB_GRACE_SECONDS. Idempotent: run it from cron on one machine."""
+    from shlhost import gc
+
+    rt = _runtime()
+    settings = gc.GcSettings.from_config(current_app.config)
+    with rt.sessions() as session:
+        report = gc.run(session, rt.blobs, settings, now=_now(), dry_run=dry_run)
+    for line in report.lines():
+        click.echo(line)
+    if report.errors:
+        sys.exit(1)
+
+
 def main() -> None:
     try:
         cli(prog_name="shlhost")
