@@ -89,6 +89,8 @@ def strip_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
 def content_hash(resource: dict[str, Any], *, clinical_only: bool = False) -> str:
     """SHA-256 of the canonical JSON without id and meta (and narrative, if clinical_only)."""
     skip = ("id", "meta", "text") if clinical_only else ("id", "meta")
+    if not any(k in resource for k in skip):
+        return hashlib.sha256(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)).hexdigest()
     body = {k: v for k, v in resource.items() if k not in skip}
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -189,7 +191,8 @@ def light_problems(resource: dict[str, Any]) -> list[tuple[str, str]]:
         return [("error", f"{rtype} is not a FHIR R4 resource type")]
     problems: list[tuple[str, str]] = []
     for key, value in resource.items():
-        if value is None or value == "" or value == [] or value == {}:
+        # Empty: None, "", [] or {} (but not False or 0, which are values).
+        if not value and value is not False and value != 0:
             problems.append(("warning", f"{rtype}.{key} is empty (FHIR JSON forbids empty values)"))
     meta = resource.get("meta")
     if meta is not None and not isinstance(meta, dict):

@@ -19,6 +19,7 @@ One import is one transaction: everything it accepted is committed, or nothing i
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import posixpath
@@ -30,7 +31,7 @@ from typing import IO, Any
 
 import ijson
 import orjson
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from shlhost.errors import BadRequest, PayloadTooLarge, Unprocessable
@@ -39,7 +40,8 @@ from shlhost.phr.formats import Problem, attachments_of, clean_resource, guess_t
 from shlhost.phr.store import NewVersion, write_versions
 from shlhost.storage.models import ImportRecord, ResourceConflict, ResourceIdentifier, ResourceRow
 
-BATCH = 1000
+BATCH = 2000
+CHUNK = 1000  # keys per lookup query (well under every driver's parameter limit)
 MAX_LINE = 64 * 1024 * 1024
 MAX_ISSUES = 1000
 STRATEGIES = ("merge", "replace")
@@ -96,6 +98,9 @@ class Importer:
         # against it, so the same file always gives the same result.
         self.seen: dict[tuple[str, str], str] = {}
         self.pending: set[tuple[str, str]] = set()
+        self.absent: set[tuple[str, str]] = set()  # keys looked up and not stored
+        self.has_open_conflicts = session.execute(select(ResourceConflict.id).where(
+            ResourceConflict.account_id == account_id, ResourceConflict.resolved_at.is_(None)).limit(1)).first() is not None
         self.open_conflicts: set[tuple[str, str, str]] = set()
         self.targets: list[str] = []
         self.conditional_cache: dict[str, str | None] = {}
@@ -108,6 +113,10 @@ class Importer:
     # -- the pipeline --------------------------------------------------------------------
 
     def run(self, items: Iterable[Item]) -> ImportResult:
+        # Parsing a large file allocates millions of containers and no reference cycles;
+        # the cyclic collector would spend a third of the import walking them.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             batch: list[tuple[str, NewVersion]] = []
             for where, resource, problems in items:
@@ -125,6 +134,9 @@ class Importer:
         except BaseException:
             self.session.rollback()
             raise
+        finally:
+            if collecting:
+                gc.enable()
         return self.result
 
     def _prepare(self, where: str, resource: dict[str, Any] | None, problems: list[Problem]) -> NewVersion | None:
@@ -288,21 +300,48 @@ class Importer:
     # -- lookups, one query per batch --------------------------------------------------------
 
     def _prefetch(self, keys: list[tuple[str, str]]) -> None:
-        missing = list({k for k in keys if k not in self.state})
-        for start in range(0, len(missing), 500):
-            chunk = missing[start:start + 500]
-            rows = self.session.execute(select(
-                ResourceRow.resource_type, ResourceRow.resource_id, ResourceRow.version_id,
-                ResourceRow.content_hash, ResourceRow.source,
-            ).where(ResourceRow.account_id == self.account_id, ResourceRow.current.is_(True),
-                    tuple_(ResourceRow.resource_type, ResourceRow.resource_id).in_(chunk)))
-            for r in rows:
-                self.state[(r.resource_type, r.resource_id)] = _Current(r.version_id, r.content_hash, r.source)
-            for r in self.session.execute(select(
-                ResourceConflict.resource_type, ResourceConflict.resource_id, ResourceConflict.incoming_hash,
-            ).where(ResourceConflict.account_id == self.account_id, ResourceConflict.resolved_at.is_(None),
-                    tuple_(ResourceConflict.resource_type, ResourceConflict.resource_id).in_(chunk))):
-                self.open_conflicts.add((r.resource_type, r.resource_id, r.incoming_hash))
+        """Load the current version of every key not yet known, per type and in chunks, so
+        that each query is an index range on (account, type, id)."""
+        by_type: dict[str, set[str]] = {}
+        for key in keys:
+            if key not in self.state and key not in self.absent:
+                by_type.setdefault(key[0], set()).add(key[1])
+                self.absent.add(key)  # until a row below says otherwise
+        for rtype, ids in by_type.items():
+            id_list = sorted(ids)
+            for start in range(0, len(id_list), CHUNK):
+                chunk = id_list[start:start + CHUNK]
+                # No "current" in the WHERE: with it, SQLite's planner prefers the
+                # (account, current, type) index and scans every resource of the type.
+                rows = self._raw_in(
+                    "SELECT resource_id, version_id, content_hash, source, current FROM resources "
+                    "WHERE account_id = {} AND resource_type = {} AND resource_id IN ({})",
+                    [self.account_id, rtype], chunk)
+                for rid, version, digest, source, current in rows:
+                    if current:
+                        self.state[(rtype, rid)] = _Current(version, digest, source)
+                        self.absent.discard((rtype, rid))
+                if self.has_open_conflicts:
+                    for r in self.session.execute(select(ResourceConflict.resource_id, ResourceConflict.incoming_hash)
+                                                  .where(ResourceConflict.account_id == self.account_id,
+                                                         ResourceConflict.resolved_at.is_(None),
+                                                         ResourceConflict.resource_type == rtype,
+                                                         ResourceConflict.resource_id.in_(chunk))):
+                        self.open_conflicts.add((rtype, r.resource_id, r.incoming_hash))
+
+    def _raw_in(self, sql: str, fixed: list[Any], values: list[str]) -> list[tuple[Any, ...]]:
+        """Run a lookup with an IN list straight on the driver: on the hot path of every
+        import, SQLAlchemy's per-parameter compilation cost more than the query itself.
+        ``sql`` has one ``{}`` per fixed parameter and a last ``{}`` for the IN list."""
+        conn = self.session.connection()
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        text = sql.format(*([mark] * len(fixed)), ", ".join([mark] * len(values)))
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(text, [*fixed, *values])
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
 
     def _match_identifiers(self, batch: list[tuple[str, NewVersion]]) -> None:
         """An unknown id that shares a business identifier with ONE stored resource of the
@@ -315,20 +354,21 @@ class Importer:
                     wanted.setdefault((new.resource_type, system, value), []).append(new)
         if not wanted:
             return
-        keys = list(wanted)
         owners: dict[tuple[str, str, str], set[tuple[str, str | None]]] = {}
-        for start in range(0, len(keys), 500):
-            rows = self.session.execute(select(
-                ResourceIdentifier.resource_type, ResourceIdentifier.system, ResourceIdentifier.value,
-                ResourceIdentifier.resource_id, ResourceRow.patient_id,
-            ).join(ResourceRow, (ResourceRow.account_id == ResourceIdentifier.account_id)
-                   & (ResourceRow.resource_type == ResourceIdentifier.resource_type)
-                   & (ResourceRow.resource_id == ResourceIdentifier.resource_id) & ResourceRow.current.is_(True))
-              .where(ResourceIdentifier.account_id == self.account_id,
-                     tuple_(ResourceIdentifier.resource_type, ResourceIdentifier.system, ResourceIdentifier.value)
-                     .in_(keys[start:start + 500])))
-            for r in rows:
-                owners.setdefault((r.resource_type, r.system, r.value), set()).add((r.resource_id, r.patient_id))
+        by_system: dict[tuple[str, str], list[str]] = {}
+        for rtype, system, value in wanted:
+            by_system.setdefault((rtype, system), []).append(value)
+        for (rtype, system), values in by_system.items():
+            for start in range(0, len(values), 500):
+                rows = self.session.execute(select(
+                    ResourceIdentifier.value, ResourceIdentifier.resource_id, ResourceRow.patient_id,
+                ).join(ResourceRow, (ResourceRow.account_id == ResourceIdentifier.account_id)
+                       & (ResourceRow.resource_type == ResourceIdentifier.resource_type)
+                       & (ResourceRow.resource_id == ResourceIdentifier.resource_id) & ResourceRow.current.is_(True))
+                  .where(ResourceIdentifier.account_id == self.account_id, ResourceIdentifier.resource_type == rtype,
+                         ResourceIdentifier.system == system, ResourceIdentifier.value.in_(values[start:start + 500])))
+                for r in rows:
+                    owners.setdefault((rtype, system, r.value), set()).add((r.resource_id, r.patient_id))
         for key, found in owners.items():
             if len(found) != 1:
                 continue
@@ -349,11 +389,11 @@ class Importer:
             return set()
         found: set[tuple[str, str]] = set()
         hashes = list({v.content_hash for v in fresh})
-        for start in range(0, len(hashes), 500):
-            rows = self.session.execute(select(ResourceRow.resource_type, ResourceRow.content_hash).where(
-                ResourceRow.account_id == self.account_id, ResourceRow.current.is_(True),
-                ResourceRow.content_hash.in_(hashes[start:start + 500])))
-            found.update((r.resource_type, r.content_hash) for r in rows)
+        for start in range(0, len(hashes), CHUNK):
+            rows = self._raw_in("SELECT resource_type, content_hash, current FROM resources "
+                                "WHERE account_id = {} AND content_hash IN ({})", [self.account_id],
+                                hashes[start:start + CHUNK])
+            found.update((rtype, digest) for rtype, digest, current in rows if current)
         return found
 
     # -- the commit ------------------------------------------------------------------------------

@@ -199,6 +199,7 @@ class ResourceRow(Base):
         Index("ix_resources_current_type", "account_id", "current", "resource_type"),
         Index("ix_resources_patient", "account_id", "patient_id"),
         Index("ix_resources_updated", "account_id", "last_updated"),
+        Index("ix_resources_content", "account_id", "content_hash"),
     )
 
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)

@@ -106,6 +106,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('account_id', 'resource_type', 'resource_id', 'version_id', name=op.f('pk_resources'))
     )
     with op.batch_alter_table('resources', schema=None) as batch_op:
+        batch_op.create_index('ix_resources_content', ['account_id', 'content_hash'], unique=False)
         batch_op.create_index('ix_resources_current_type', ['account_id', 'current', 'resource_type'], unique=False)
         batch_op.create_index('ix_resources_patient', ['account_id', 'patient_id'], unique=False)
         batch_op.create_index('ix_resources_updated', ['account_id', 'last_updated'], unique=False)
@@ -123,6 +124,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_resources_updated')
         batch_op.drop_index('ix_resources_patient')
         batch_op.drop_index('ix_resources_current_type')
+        batch_op.drop_index('ix_resources_content')
 
     op.drop_table('resources')
     with op.batch_alter_table('conflicts', schema=None) as batch_op:
