@@ -64,11 +64,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         hasher=ph,
     )
 
-    from shlhost import logs
+    from shlhost import logs, metrics
     from shlhost.api import common, dataplane, errors, fhir, management
     from shlhost.web import pages, security, viewer
 
     logs.init_app(app)
+    metrics.init_app(app)
     common.init_app(app)
     errors.init_app(app)
     dataplane.init_app(app)

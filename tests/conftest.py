@@ -175,7 +175,9 @@ class LiveServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited early:\n{self.output()}")
+                output = self.output()
+                self.log.close()
+                raise RuntimeError(f"gunicorn exited early:\n{output}")
             try:
                 if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return

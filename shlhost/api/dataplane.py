@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, jsonify, request
 
+from shlhost import metrics
 from shlhost.api import limits
 from shlhost.api.common import json_body, links, now
 
@@ -20,13 +21,14 @@ JOSE = "application/jose"
 @limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
 def manifest(link_id: str) -> Response:
     body = json_body()
-    answer = links().manifest(
-        link_id,
-        recipient=body.get("recipient"),
-        passcode=body.get("passcode"),
-        embedded_max=body.get("embeddedLengthMax"),
-        now=now(),
-    )
+    with metrics.manifest_outcome():
+        answer = links().manifest(
+            link_id,
+            recipient=body.get("recipient"),
+            passcode=body.get("passcode"),
+            embedded_max=body.get("embeddedLengthMax"),
+            now=now(),
+        )
     return jsonify(answer)
 
 
