@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, jsonify, render_template
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template
 from sqlalchemy import text
 
 from shlhost import __version__
@@ -30,10 +30,12 @@ def readyz() -> tuple[Response, int]:
         db().rollback()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         problems["database"] = type(exc).__name__
+        current_app.logger.warning("not ready: the database is unreachable", exc_info=True)
     try:
-        runtime().blobs.ping()
+        runtime().blobs.ping()  # local: the folder is writable; database: a select; S3: head_bucket
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         problems["blobs"] = type(exc).__name__
+        current_app.logger.warning("not ready: the blob store is unreachable", exc_info=True)
     if problems:
         return jsonify({"status": "unavailable", "problems": problems}), 503
     return jsonify({"status": "ready"}), 200
