@@ -46,6 +46,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     config_mod.load(app.config, app.instance_path, test_config)
     config_mod.validate_config(app.config)
     app.config["PUBLIC_URL"] = str(app.config["PUBLIC_URL"]).rstrip("/")
+    proxies = int(app.config.get("TRUSTED_PROXIES", 0))
+    if proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # The client address (rate limits, logs) and scheme as the load balancer saw them.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
 
     engine = make_engine(app.config["DATABASE_URL"])
     ph = hasher(app.config["ARGON2_PROFILE"])

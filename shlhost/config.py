@@ -70,6 +70,13 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "RATELIMIT_ENABLED": True,
         # Prefix of flask-limiter's keys in a shared store (several deployments, one Redis).
         "RATELIMIT_KEY_PREFIX": "shlhost",
+        # Redis down: limit in each process's memory meanwhile rather than answer 500 (the
+        # passcode budget and uses live in the database and stay exact either way).
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+        # How many proxies (load balancers) in front of the app append to X-Forwarded-For.
+        # 0: the client is the TCP peer. Behind one load balancer: 1, so that rate limits and
+        # logs see the real client rather than the balancer (werkzeug's ProxyFix).
+        "TRUSTED_PROXIES": 0,
         # Largest record a JWE may inflate to when it carries zip:DEF, bytes.
         "MAX_INFLATED_SIZE": 512 * 1024 * 1024,
     }
@@ -131,6 +138,8 @@ def validate_config(config: dict[str, Any]) -> None:
         raise ConfigError("RETENTION_DAYS must be zero or more")
     if int(config.get("BLOB_GRACE_SECONDS", 3600)) < 0:
         raise ConfigError("BLOB_GRACE_SECONDS must be zero or more")
+    if int(config.get("TRUSTED_PROXIES", 0)) < 0:
+        raise ConfigError("TRUSTED_PROXIES must be zero or more")
     if config.get("LOG_FORMAT") not in (None, "", "json", "text"):
         raise ConfigError("LOG_FORMAT must be json or text")
     if config["ARGON2_PROFILE"] not in ("default", "cheapest"):
