@@ -73,15 +73,27 @@ def init() -> None:
               type=int)
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes (default: from gunicorn.conf)")
 @click.option("--dev", is_flag=True, help="Flask's development server instead of gunicorn")
-def serve(host: str, port: int, workers: int | None, dev: bool) -> None:
+@click.option("--no-migrate", is_flag=True,
+              help="one of several servers: write no secrets, migrate nothing ('shlhost db upgrade' is a "
+                   "deploy step), refuse a database that is not at this release's revision")
+def serve(host: str, port: int, workers: int | None, dev: bool, no_migrate: bool) -> None:
     """Run the service: fresh secrets on first run, database migrations, then gunicorn."""
-    if "SHLHOST_SECRET_KEY" not in os.environ:
+    if "SHLHOST_SECRET_KEY" not in os.environ and not no_migrate:
         written = write_instance_config(instance_path())
         if written:
             click.echo(f"first run: wrote fresh secrets to {written}")
     app = create_app()
-    migrate.upgrade(app.extensions["shlhost"].engine)
-    click.echo(f"shlhost on http://{host}:{port}/ (database migrated)")
+    engine = app.extensions["shlhost"].engine
+    if no_migrate:
+        at, head = migrate.current(engine), migrate.head()
+        if at != head:
+            click.echo(f"error: the database is at revision {at or '(empty)'}, this release needs {head}: "
+                       "run 'shlhost db upgrade' first", err=True)
+            sys.exit(2)
+        click.echo(f"shlhost on http://{host}:{port}/ (database at {head})")
+    else:
+        migrate.upgrade(engine)
+        click.echo(f"shlhost on http://{host}:{port}/ (database migrated)")
     if dev:
         app.run(host=host, port=port)
         return
