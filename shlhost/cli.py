@@ -15,8 +15,8 @@ from flask.cli import FlaskGroup, with_appcontext
 
 from shlhost import Runtime, accounts, create_app, qr
 from shlhost.config import ConfigError, write_instance_config
-from shlhost.errors import ShlhostError
-from shlhost.phr import importer
+from shlhost.errors import BadRequest, ShlhostError
+from shlhost.phr import exporter, importer, sharing
 from shlhost.phr.formats import prepare_upload
 from shlhost.shl.links import LinkOptions, LinkService, parse_exp
 from shlhost.storage import migrate
@@ -301,6 +301,8 @@ def phr_import(file: str, email: str, source: str | None, strategy: str, validat
             result = importer.Importer(session, account.id, options, now=_now()).run(items)
         except ShlhostError as exc:
             _fail(exc)
+        if result.committed:
+            sharing.refresh_links(LinkService(session, rt.blobs, rt.links), rt.sessions, account.id, now=_now())
     for issue in result.issues:
         if issue["severity"] in ("error", "warning"):
             click.echo(f"{issue['severity']}: {issue['diagnostics']}", err=True)
@@ -326,6 +328,54 @@ def gc_command(dry_run: bool) -> None:
         click.echo(line)
     if report.errors:
         sys.exit(1)
+
+
+@phr.command("export")
+@click.option("--account", "email", required=True, help="the account (email) that owns the record")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="file to write (default: standard output)")
+@click.option("--format", "fmt", type=click.Choice(exporter.FORMATS), default="phr", show_default=True)
+@click.option("--patient", help="Patient/<id>")
+@click.option("--start", help="a year, year-month or date")
+@click.option("--end", help="a year, year-month or date (inclusive of its whole period)")
+@click.option("--type", "types", help="comma-separated resource types")
+@click.option("--since", help="only what changed since this instant")
+@click.option("--password", help="the .sphr password (or --password-stdin)")
+@click.option("--password-stdin", is_flag=True, help="read the .sphr password from standard input")
+@with_appcontext
+def phr_export(email: str, output: str | None, fmt: str, patient: str | None, start: str | None, end: str | None,
+               types: str | None, since: str | None, password: str | None, password_stdin: bool) -> None:
+    """Export a record like GET /fhir/Bundle/$phr-export."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    rt = _runtime()
+    with rt.sessions() as session:
+        account = accounts.find_account(session, email)
+        if account is None:
+            click.echo(f"error: no account {email}", err=True)
+            sys.exit(2)
+        account_id = account.id
+    try:
+        selection = exporter.Selection.parse(patient=patient, types=types, start=start, end=end, since=since)
+        export = exporter.Exporter(rt.sessions, account_id, selection)
+        name = exporter.safe_filename(selection.patient or "record")
+        if fmt == "sphr" and not output:
+            raise BadRequest("a .sphr is binary: give -o FILE", code="output_required")
+        sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+        try:
+            if fmt == "sphr":
+                export.sphr(sink, password or "", name)
+            else:
+                for chunk in export.bundle() if fmt == "bundle" else export.ndjson(cover=fmt == "phr"):
+                    sink.write(chunk)
+        finally:
+            if output:
+                sink.close()
+    except ShlhostError as exc:
+        if output and Path(output).exists():
+            Path(output).unlink()
+        _fail(exc)
+    if output:
+        click.echo(f"wrote {output}: {export.stats.resources} resources", err=True)
 
 
 def main() -> None:

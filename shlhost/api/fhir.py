@@ -7,6 +7,7 @@ OperationOutcomes (see api/errors.py).
 
 from __future__ import annotations
 
+import tempfile
 from datetime import datetime
 from typing import Any
 
@@ -15,9 +16,9 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from shlhost import __version__
 from shlhost.accounts import account_for_token
-from shlhost.api.common import bearer_token, db, now
+from shlhost.api.common import bearer_token, db, links, now, runtime
 from shlhost.errors import BadRequest, NotFound, Unauthorized
-from shlhost.phr import definitions, fhir
+from shlhost.phr import definitions, exporter, fhir, sharing
 from shlhost.phr.importer import (
     ImportOptions,
     Importer,
@@ -55,6 +56,16 @@ def account_id() -> int:
 
 def store() -> RecordStore:
     return RecordStore(db(), account_id())
+
+
+def record_changed(account: int) -> None:
+    """Keep the account's long-term links made from its record current. The change itself
+    is committed already: a failure here is logged, and the next change tries again."""
+    try:
+        sharing.refresh_links(links(), runtime().sessions, account, now=now())
+    except Exception:  # noqa: BLE001 - must not turn a committed change into an error
+        db().rollback()
+        current_app.logger.exception("could not refresh the links made from account %s's record", account)
 
 
 def check_type(rtype: str) -> str:
@@ -165,7 +176,51 @@ def import_() -> Response:
         else:
             items = sphr_items(body, request.headers.get("X-SPHR-Password"), limit * 20)
         result = Importer(db(), account, options, now=now()).run(items)
+    if result.committed:
+        record_changed(account)
     return fhir_response(outcome(result, validate_only=options.validate_only))
+
+
+# -- $phr-export ------------------------------------------------------------------------
+
+
+@bp.get("/Bundle/$phr-export")
+def phr_export() -> Response:
+    account = account_id()
+    fmt = request.args.get("outputFormat", "bundle")
+    if fmt not in exporter.FORMATS:
+        raise BadRequest(f"outputFormat must be one of {', '.join(exporter.FORMATS)}", code="invalid_format")
+    selection = exporter.Selection.parse(
+        patient=request.args.get("patient"), types=request.args.get("_type"), start=request.args.get("start"),
+        end=request.args.get("end"), since=request.args.get("_since"))
+    records = RecordStore(db(), account)
+    if selection.patient and records.current("Patient", selection.patient) is None:
+        raise NotFound(f"Patient/{selection.patient} is not in this record")
+    name = exporter.safe_filename(selection.patient or records.only_patient() or "record")
+    db().rollback()  # the export reads in its own short transactions
+    export = exporter.Exporter(runtime().sessions, account, selection)
+    headers = {"X-PHR-Version": "1.0", "Cache-Control": "no-store"}
+    if fmt == "bundle":
+        return Response(export.bundle(), mimetype=FHIR_JSON, headers=headers)
+    if fmt in ("ndjson", "phr"):
+        headers["Content-Disposition"] = f'attachment; filename="{name}.{fmt}"'
+        return Response(export.ndjson(cover=fmt == "phr"), mimetype="application/x-ndjson", headers=headers)
+    password = request.headers.get("X-SPHR-Password", "")
+    body = tempfile.TemporaryFile()
+    try:
+        export.sphr(body, password, name)
+    except BaseException:
+        body.close()
+        raise
+    body.seek(0)
+    headers["Content-Disposition"] = f'attachment; filename="{name}.sphr"'
+    return Response(_file_chunks(body), mimetype="application/zip", headers=headers)
+
+
+def _file_chunks(fh: Any) -> Any:
+    with fh:
+        while chunk := fh.read(1 << 16):
+            yield chunk
 
 
 # -- conflicts --------------------------------------------------------------------------
@@ -206,6 +261,7 @@ def resolve(conflict_id: int) -> Response:
     choice = body.get("resolution") if isinstance(body, dict) else None
     choice = choice or request.args.get("resolution")
     records.resolve(conflict_id, str(choice or ""), now=now())
+    record_changed(records.account_id)
     return fhir_response(_conflict_parameters(records, records.conflict(conflict_id)))
 
 
@@ -254,6 +310,8 @@ def update(rtype: str, rid: str) -> Response:
         raise BadRequest("the body must be a FHIR resource in JSON", code="invalid_json")
     row, changed = store().update(rtype, rid, body, if_match=request.headers.get("If-Match"),
                                   source=request.args.get("source"), now=now())
+    if changed:
+        record_changed(row.account_id)
     status = 201 if changed and row.version_id == 1 else 200
     return fhir_response(render(row), status, _read_headers(row))
 
@@ -274,6 +332,7 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
 def revert(rtype: str, rid: str) -> Response:
     version = request.args.get("version", "")
     row = store().revert(check_type(rtype), rid, version, now=now())
+    record_changed(row.account_id)
     return fhir_response(render(row), headers=_read_headers(row))
 
 

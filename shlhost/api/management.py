@@ -6,14 +6,16 @@ a wrong token answers the same 404 as a link that does not exist.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 
 from shlhost import qr
 from shlhost.accounts import TOKEN_PREFIX, account_for_token
-from shlhost.api.common import bearer_token, db, json_body, links, now
+from shlhost.api.common import bearer_token, db, json_body, links, now, runtime
 from shlhost.errors import BadRequest, Conflict, Unauthorized, UnsupportedMediaType
+from shlhost.phr import sharing
 from shlhost.phr.formats import prepare_json, prepare_upload
 from shlhost.shl.links import EncryptedFile, LinkOptions, LinkService, NewFile, parse_exp
 from shlhost.storage.models import Link
@@ -111,9 +113,23 @@ def list_links() -> Response:
 @bp.post("/links")
 def create_link() -> tuple[Response, int]:
     account = _caller_account()
-    files, raw = _read_request()
+    query = None
+    if request.mimetype == "application/json" and "record" in json_body():
+        # A link made from the caller's own record rather than from uploaded files.
+        if account is None:
+            raise Unauthorized("a link from the record needs an API token", code="unauthorized")
+        body = json_body()
+        if "files" in body:
+            raise BadRequest("send either files or record, not both", code="invalid_files")
+        query = sharing.normalise_query(body["record"])
+        db().rollback()  # the export reads in its own transactions; hold no lock meanwhile
+        files: list[NewFile] = [sharing.record_file(runtime().sessions, account, query)]
+        raw = {name: body.get(name) for name in OPTION_FIELDS if name in body}
+    else:
+        files, raw = _read_request()
     service = links()
-    created = service.create(files, _options(raw), now=now(), account_id=account)
+    created = service.create(files, _options(raw), now=now(), account_id=account,
+                             record_query=json.dumps(query) if query is not None else None)
     link = created.link
     answer = service.describe(link, now())
     answer.update({"management_token": created.management_token, "qr": _qr_urls(link.id)})

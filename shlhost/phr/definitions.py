@@ -72,7 +72,7 @@ def operation_definitions(base: str) -> dict[str, dict[str, Any]]:
 
 
 # The operations this build serves; capability_statement lists only these.
-OPERATIONS = {"import": PHR_IMPORT_URL}
+OPERATIONS = {"phr-export": PHR_EXPORT_URL, "import": PHR_IMPORT_URL}
 
 
 def capability_statement(base: str, version: str, now: str) -> dict[str, Any]:

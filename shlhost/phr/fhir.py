@@ -74,6 +74,17 @@ _DATE_PATHS = (
 _SUBJECT_KEYS = ("subject", "patient", "beneficiary")
 
 
+EXPORT_COVER_TAG = {"system": "https://shlhost.dev/fhir/tags", "code": "export-cover"}
+
+
+def is_export_cover(resource: dict[str, Any]) -> bool:
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    return isinstance(tags, list) and any(
+        isinstance(t, dict) and t.get("system") == EXPORT_COVER_TAG["system"] and t.get("code") == "export-cover"
+        for t in tags)
+
+
 def strip_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
     """The resource without the meta fields a server sets (versionId, lastUpdated)."""
     meta = resource.get("meta")

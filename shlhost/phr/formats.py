@@ -10,7 +10,9 @@ import base64
 import io
 import json
 import posixpath
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +34,11 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 # pyzipper carries its own copy of zipfile, with its own exception classes.
 BAD_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, pyzipper.BadZipFile, pyzipper.LargeZipFile)
+# What reading a damaged or tampered archive can raise besides: a corrupt DEFLATE stream is
+# noticed before the AES authentication code at the member's end, a corrupt header can name
+# an unknown version or compression method.
+DAMAGED = (*BAD_ZIP, OSError, EOFError, ValueError, zlib.error, NotImplementedError, KeyError, IndexError,
+           struct.error)
 
 # Archive limits (zip bombs): members, bytes once inflated, and inflation ratio.
 MAX_MEMBERS = 10_000
@@ -197,7 +204,7 @@ class SphrArchive:
             if "password" in str(exc).lower():
                 raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
             raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except (*BAD_ZIP, OSError, EOFError, ValueError):
+        except DAMAGED:
             # Checksum or authentication failures of a tampered archive land here.
             raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
 
@@ -210,7 +217,7 @@ class SphrArchive:
             if "password" in str(exc).lower():
                 raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
             raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except (*BAD_ZIP, OSError, EOFError, ValueError):
+        except DAMAGED:
             raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
 
     def close(self) -> None:
@@ -225,7 +232,7 @@ def open_sphr(fileobj: IO[bytes], password: str | None, max_size: int) -> SphrAr
     """
     try:
         archive = pyzipper.AESZipFile(fileobj)
-    except (*BAD_ZIP, OSError, ValueError):
+    except DAMAGED:
         raise BadRequest("the .sphr is not a readable ZIP archive", code="invalid_sphr") from None
     try:
         infos = archive.infolist()

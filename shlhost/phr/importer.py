@@ -145,6 +145,8 @@ class Importer:
         if resource is None:
             return None
         rtype = resource["resourceType"]
+        if rtype == "Composition" and fhir.is_export_cover(resource):
+            return None  # shlhost's own cover page of an export: not part of the record
         fatal = False
         for severity, message in fhir.light_problems(resource):
             self.result.note(severity, message, where)
@@ -543,7 +545,10 @@ def sphr_items(fileobj: IO[bytes], password: str | None, max_size: int) -> Itera
         binaries: dict[str, str] = {}
         for name in sphr.attachment_names:
             data = sphr.read(name)
-            bid = "att-" + hashlib.sha256(data).hexdigest()[:40]
+            # shlhost's own exports name attachments after their Binary: keep that id.
+            stem = posixpath.splitext(posixpath.basename(name))[0]
+            own = posixpath.dirname(name) == posixpath.join(base, "attachments").lstrip("/") and fhir.ID_RE.fullmatch(stem)
+            bid = stem if own else "att-" + hashlib.sha256(data).hexdigest()[:40]
             binaries[name] = bid
             yield name, {"resourceType": "Binary", "id": bid, "contentType": guess_type(name),
                          "data": base64.b64encode(data).decode("ascii")}, []

@@ -92,6 +92,8 @@ def write_versions(session: Session, account_id: int, items: Sequence[tuple[NewV
     """
     if not items:
         return
+    # The store keeps milliseconds, exactly what meta.lastUpdated shows and _since compares.
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
     replaced = [(v, prev) for v, prev in items if prev]
     if replaced:
         rows, idents = ResourceRow.__table__, ResourceIdentifier.__table__
@@ -246,6 +248,13 @@ class RecordStore:
         found.resolution = choice
         self.session.commit()
         return result
+
+    def only_patient(self) -> str | None:
+        """The id of the record's Patient, when it has exactly one."""
+        ids = self.session.scalars(select(ResourceRow.resource_id).where(
+            ResourceRow.account_id == self.account_id, ResourceRow.resource_type == "Patient",
+            ResourceRow.current.is_(True)).limit(2)).all()
+        return ids[0] if len(ids) == 1 else None
 
     def rows_for(self, keys: Iterable[tuple[str, str]]) -> list[ResourceRow]:
         keys = list(keys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -159,7 +160,7 @@ class LinkService:
     # -- creation ------------------------------------------------------------------------
 
     def create(self, files: Sequence[NewFile], options: LinkOptions, *, now: datetime,
-               account_id: int | None = None) -> Created:
+               account_id: int | None = None, record_query: str | None = None) -> Created:
         if not files:
             raise BadRequest("a link needs at least one file", code="no_files")
         flag_letters = options.flags.upper()
@@ -199,6 +200,7 @@ class LinkService:
             uses=0,
             created_at=now,
             updated_at=now,
+            record_query=record_query,
         )
         written: list[str] = []
         try:
@@ -433,6 +435,7 @@ class LinkService:
             "uses": link.uses,
             "uses_left": None if link.max_uses is None else max(0, link.max_uses - link.uses),
             "server_keyed": link.server_keyed,
+            "from_record": json.loads(link.record_query) if link.record_query else None,
             "created_at": _iso(link.created_at),
             "revoked_at": _iso(link.revoked_at),
             "files": [

@@ -82,6 +82,9 @@ class Link(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # For a link made from the owner's record: what to export (JSON). An L link's file is
+    # regenerated from it whenever the record changes.
+    record_query: Mapped[str | None] = mapped_column(Text)
 
     files: Mapped[list[LinkFile]] = relationship(
         back_populates="link", order_by="LinkFile.position", cascade="all, delete-orphan"

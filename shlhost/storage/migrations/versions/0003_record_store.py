@@ -113,11 +113,13 @@ def upgrade() -> None:
 
     with op.batch_alter_table('links', schema=None) as batch_op:
         batch_op.create_foreign_key(batch_op.f('fk_links_account_id_accounts'), 'accounts', ['account_id'], ['id'], ondelete='SET NULL')
+        batch_op.add_column(sa.Column('record_query', sa.Text(), nullable=True))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('links', schema=None) as batch_op:
+        batch_op.drop_column('record_query')
         batch_op.drop_constraint(batch_op.f('fk_links_account_id_accounts'), type_='foreignkey')
 
     with op.batch_alter_table('resources', schema=None) as batch_op:
