@@ -78,6 +78,8 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         _rollback()
-        app.logger.exception("unexpected error on %s %s", request.method, request.path)
+        # The URL rule, not the path: paths carry link ids.
+        rule = request.url_rule.rule if request.url_rule else "(no route)"
+        app.logger.exception("unexpected error on %s %s", request.method, rule)
         return error_response(500, "internal_error",
                               f"Something went wrong on our side (request {g.get('request_id', '-')}).")

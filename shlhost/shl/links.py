@@ -30,6 +30,12 @@ from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile
 
+class KeyUnavailable(Conflict):
+    def __init__(self) -> None:
+        super().__init__("this server cannot open the link's key: KEY_ENCRYPTION_KEY differs from the one "
+                         "it was created under", code="key_unavailable")
+
+
 RECIPIENT_MAX = 200
 PASSCODE_MAX = 200
 
@@ -271,7 +277,7 @@ class LinkService:
         used = self.session.execute(
             update(Link)
             .where(Link.id == link_id, Link.live(now))
-            .values(uses=Link.uses + 1)
+            .values(uses=Link.uses + 1, updated_at=Link.updated_at)  # a use is not a change
             .returning(Link.uses)
         ).scalar_one_or_none()
         return used is not None
@@ -281,7 +287,7 @@ class LinkService:
         left: int | None = self.session.execute(
             update(Link)
             .where(Link.id == link_id, Link.live(now), Link.attempts_left > 0)
-            .values(attempts_left=Link.attempts_left - 1)
+            .values(attempts_left=Link.attempts_left - 1, updated_at=Link.updated_at)
             .returning(Link.attempts_left)
         ).scalar_one_or_none()
         return left
@@ -318,7 +324,7 @@ class LinkService:
             if not passcode:
                 # No guess was made; the budget is untouched.
                 raise WrongPasscode(int(link.attempts_left or 0))
-            if not verify_secret(self.settings.hasher, link.passcode_hash, passcode[:PASSCODE_MAX]):
+            if len(passcode) > PASSCODE_MAX or not verify_secret(self.settings.hasher, link.passcode_hash, passcode):
                 left = self._spend_attempt(link_id, now)
                 self._log(link_id, now, recipient, "manifest", "wrong_passcode" if left is not None else "locked")
                 self.session.commit()
@@ -338,16 +344,26 @@ class LinkService:
                 continue
             entry: dict[str, Any] = {"contentType": f.content_type, "lastUpdated": _iso(f.last_updated)}
             if embedded_max is not None and f.jwe_size <= embedded_max:
-                try:
-                    entry["embedded"] = self.blobs.get(f.blob_key).decode("ascii")
-                except KeyError:
-                    raise DeadLink() from None  # revoked between the use and this read
+                entry["embedded"] = self._read_file(f)
             else:
                 ticket = tickets.issue(self.settings.ticket_secret, link.id, f.id, now.timestamp(),
                                        self.settings.ticket_lifetime)
                 entry["location"] = self.settings.file_url(link.id, f.id, ticket)
             files.append(entry)
         return {"status": "can-change" if link.long_term else "finalized", "files": files}
+
+    def _read_file(self, f: LinkFile) -> str:
+        """A file's JWE. An L link's file may be replaced between reading its row and its
+        blob (the old blob is deleted once the new one is in): then read the row again."""
+        for _attempt in range(3):
+            if f.blob_key is None:
+                break
+            try:
+                return self.blobs.get(f.blob_key).decode("ascii")
+            except KeyError:
+                self.session.expire(f)
+                self.session.rollback()
+        raise DeadLink()  # revoked meanwhile
 
     def direct(self, link_id: str, *, recipient: Any, now: datetime) -> str:
         """The one file of a U link."""
@@ -361,13 +377,10 @@ class LinkService:
             raise self._dead(link_id, now, recipient, "direct", "dead")
         self._log(link_id, now, recipient, "direct", "ok")
         self.session.commit()
-        blob = next((f.blob_key for f in link.files if f.blob_key), None)
-        if blob is None:
+        current = next((f for f in link.files if f.blob_key), None)
+        if current is None:
             raise DeadLink()
-        try:
-            return self.blobs.get(blob).decode("ascii")
-        except KeyError:
-            raise DeadLink() from None
+        return self._read_file(current)
 
     def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> str:
         """A file named in a manifest's ``location``: good while its ticket is."""
@@ -403,7 +416,10 @@ class LinkService:
     def link_key(self, link: Link) -> bytes | None:
         if link.wrapped_key is None:
             return None
-        return unwrap_key(self.settings.kek, link.wrapped_key, link.id)
+        try:
+            return unwrap_key(self.settings.kek, link.wrapped_key, link.id)
+        except ValueError:
+            raise KeyUnavailable() from None
 
     def shlink(self, link: Link, *, viewer: bool = False) -> str | None:
         """The full link, when the server holds the key and the link is not revoked."""
@@ -449,7 +465,11 @@ class LinkService:
                 for f in link.files
             ],
         }
-        shlink = self.shlink(link)
+        try:
+            shlink = self.shlink(link)
+        except KeyUnavailable:
+            shlink = None
+            out["key_unavailable"] = True
         if shlink:
             out["shlink"] = shlink
             out["viewer_url"] = f"{self.settings.viewer_url}#{shlink}"
