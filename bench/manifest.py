@@ -8,11 +8,13 @@ Run from the repository root::
 What it does, in order: make a temporary instance folder; run the real migrations (on a
 fresh SQLite file, or in a fresh PostgreSQL schema that is dropped afterwards); start the
 production server (gunicorn with ``shlhost/gunicorn_conf.py``) on 127.0.0.1 with the rate
-limiter off; create one link without passcode carrying one small FHIR Bundle through
-``POST /api/links``; check one manifest answer in full (200, the file embedded, the JWE
-decrypts with the link's key); then load each endpoint for a fixed time with a fixed
-number of keep-alive connections and print one table, the ratio manifest/trivial against
-its target, and what it ran on. The server is stopped whatever happens.
+limiter off; create one link (or ``--links N``) without passcode carrying one small FHIR
+Bundle through ``POST /api/links``; check one manifest answer per link in full (200, the
+file embedded, the JWE decrypts with the link's key); then load each endpoint for a fixed
+time with a fixed number of keep-alive connections and print one table (with the CPU time
+the gunicorn processes spent per request, from /proc), the ratio manifest/trivial against
+its target, and what it ran on. The server is stopped, and the PostgreSQL schema dropped,
+whatever happens (SIGTERM and Ctrl-C included).
 
 The load generator is ``wrk`` when it is installed (``apt-get install wrk``), else a
 Python client of several processes with persistent ``http.client`` connections; the output
@@ -30,6 +32,7 @@ import base64
 import datetime as dt
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -127,6 +130,14 @@ class Result:
     statuses: dict[str, int] = field(default_factory=dict)
     socket_errors: int = 0
     samples: list[str] = field(default_factory=list)
+    # CPU seconds the gunicorn processes spent during the run (Linux /proc), or None.
+    server_cpu_s: float | None = None
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s * 1000 / self.requests
 
     @property
     def rps(self) -> float:
@@ -144,6 +155,9 @@ class Result:
         out["p99_ms"] = round(self.p99_ms, 3)
         out["rps"] = round(self.rps, 1)
         out["errors"] = self.errors
+        cpu = self.cpu_ms_per_request
+        out["server_cpu_s"] = None if self.server_cpu_s is None else round(self.server_cpu_s, 3)
+        out["server_cpu_ms_per_request"] = None if cpu is None else round(cpu, 3)
         return out
 
 
@@ -151,8 +165,8 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return 0.0
-    rank = max(1, int(round(pct / 100 * len(sorted_values) + 0.5)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    rank = min(len(sorted_values), max(1, math.ceil(pct / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,6 +282,7 @@ def _client_thread(port: int, method: str, paths: list[str], body: bytes | None,
     statuses: dict[str, int] = out["statuses"]
     samples: list[str] = out["samples"]
     time.sleep(max(0.0, start_at - time.time()))
+    out["began"] = time.time()
     for n in range(max_requests):  # bounded even if the clock misbehaves
         if time.time() >= deadline:
             break
@@ -300,7 +315,8 @@ def _client_process(port: int, method: str, paths: list[str], body: bytes | None
     outs: list[dict[str, Any]] = []
     threads = []
     for _ in range(nconn):
-        out: dict[str, Any] = {"latencies": [], "statuses": {}, "samples": [], "socket_errors": 0}
+        out: dict[str, Any] = {"latencies": [], "statuses": {}, "samples": [], "socket_errors": 0,
+                               "began": start_at}
         outs.append(out)
         threads.append(threading.Thread(
             target=_client_thread,
@@ -310,7 +326,8 @@ def _client_process(port: int, method: str, paths: list[str], body: bytes | None
         t.start()
     for t in threads:
         t.join()
-    merged: dict[str, Any] = {"latencies": [], "statuses": {}, "samples": [], "socket_errors": 0}
+    merged: dict[str, Any] = {"latencies": [], "statuses": {}, "samples": [], "socket_errors": 0,
+                              "began": min(out["began"] for out in outs)}
     for out in outs:
         merged["latencies"].extend(out["latencies"])
         merged["samples"].extend(out["samples"])
@@ -323,7 +340,8 @@ def _client_process(port: int, method: str, paths: list[str], body: bytes | None
 def run_python(port: int, method: str, paths: list[str], body: bytes | None, *, connections: int,
                processes: int, seconds: float) -> Result:
     processes = max(1, min(processes, connections))
-    ctx = multiprocessing.get_context("spawn")
+    # fork: the children need none of the imports again; the parent runs no threads.
+    ctx = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[dict[str, Any]] = ctx.Queue()
     start_at = time.time() + 1.0  # every process starts sending at the same moment
     deadline = start_at + seconds
@@ -351,10 +369,12 @@ def run_python(port: int, method: str, paths: list[str], body: bytes | None, *, 
     for part in parts:
         for k, v in part["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
+    # The window runs from the first request sent (normally start_at) to the deadline.
+    window = deadline - min(part["began"] for part in parts)
     return Result(
         endpoint=f"{method} {paths[0]}",
         requests=len(latencies),
-        seconds=seconds,
+        seconds=window,
         p50_ms=percentile(latencies, 50) * 1000,
         p99_ms=percentile(latencies, 99) * 1000,
         statuses=statuses,
@@ -376,8 +396,11 @@ def free_port() -> int:
 
 def git_commit() -> str:
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,  # noqa: S603, S607
-                             check=False)
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True,  # noqa: S603, S607
+                                 text=True, check=False)
+        except OSError:
+            return ""
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
@@ -412,7 +435,10 @@ class Database:
                 admin.dispose()
         engine = make_engine(self.url)
         try:
-            migrate.upgrade(engine)
+            try:
+                migrate.upgrade(engine)
+            except Exception as exc:  # noqa: BLE001 - any failure here means "cannot run"
+                raise BenchError(f"the migrations failed: {type(exc).__name__}: {exc}") from exc
             with engine.connect() as conn:
                 if engine.dialect.name == "postgresql":
                     version = conn.execute(text("SHOW server_version")).scalar()
@@ -433,16 +459,6 @@ class Database:
                 admin.dispose()
 
 
-def _env_secret(make: Any) -> str:
-    """A random secret that Flask's ``from_prefixed_env`` keeps as a string (no JSON)."""
-    while True:
-        value: str = make()
-        try:
-            json.loads(value)
-        except ValueError:
-            return value
-
-
 class Server:
     """The production server: gunicorn with shlhost's own config file, on 127.0.0.1."""
 
@@ -450,8 +466,11 @@ class Server:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = workdir / "gunicorn.log"
+        # Nothing of the caller's own shlhost, gunicorn or metrics set-up leaks in (a
+        # PROMETHEUS_MULTIPROC_DIR of theirs would be emptied by gunicorn_conf.py).
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("SHLHOST_") and k != "GUNICORN_CMD_ARGS"}
+               if not k.startswith("SHLHOST_")
+               and k not in ("GUNICORN_CMD_ARGS", "PROMETHEUS_MULTIPROC_DIR")}
         env.update({
             "SHLHOST_ENV": "testing",
             "SHLHOST_INSTANCE_PATH": str(workdir / "instance"),
@@ -459,11 +478,12 @@ class Server:
             "SHLHOST_BLOB_PATH": str(workdir / "blobs"),
             "SHLHOST_PUBLIC_URL": self.url,
             "SHLHOST_RATELIMIT_ENABLED": "false",
-            "SHLHOST_SECRET_KEY": _env_secret(lambda: "bench-" + secrets.token_urlsafe(32)),
-            "SHLHOST_KEY_ENCRYPTION_KEY": _env_secret(
-                lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")),
+            "SHLHOST_SECRET_KEY": "bench-" + secrets.token_urlsafe(32),
+            "SHLHOST_KEY_ENCRYPTION_KEY":
+                base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("="),
         })
-        self.cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "shlhost" / "gunicorn_conf.py"),
+        conf = ROOT / "shlhost" / "gunicorn_conf.py"
+        self.cmd = [sys.executable, "-m", "gunicorn", "-c", str(conf),
                     "-b", f"{HOST}:{self.port}", "-w", str(workers), "--threads", str(threads),
                     "shlhost.wsgi:app"]
         self.env = env
@@ -487,6 +507,11 @@ class Server:
             time.sleep(0.2)
         raise BenchError(f"gunicorn did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the server is not started"
+        return self.proc.pid
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -505,12 +530,14 @@ class Server:
             self._log.close()
 
 
-def http_call(port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 30) -> tuple[int, bytes]:
+def http_call(port: int, method: str, path: str, body: Any = None,
+              headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
-        hdrs = {"Content-Type": "application/json", **(headers or {})} if data is not None else (headers or {})
+        hdrs = dict(headers or {})
+        if data is not None:
+            hdrs["Content-Type"] = "application/json"
         conn.request(method, path, body=data, headers=hdrs)
         resp = conn.getresponse()
         return resp.status, resp.read()
@@ -527,8 +554,8 @@ class BenchLink:
 
 
 def create_link(port: int) -> BenchLink:
-    status, raw = http_call(port, "POST", "/api/links",
-                            {"files": [{"contentType": "application/fhir+json", "content": BUNDLE}]})
+    upload = {"files": [{"contentType": "application/fhir+json", "content": BUNDLE}]}
+    status, raw = http_call(port, "POST", "/api/links", upload)
     if status != 201:
         raise BenchError(f"POST /api/links answered {status}: {raw[:500]!r}")
     answer = json.loads(raw)
@@ -613,6 +640,27 @@ def load(loader: str, port: int, method: str, paths: list[str], body: bytes | No
                       seconds=seconds)
 
 
+def process_tree_cpu(root_pid: int) -> float | None:
+    """User + system CPU seconds of ``root_pid`` and its children (gunicorn's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue  # the process ended meanwhile
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
+            if int(entry.name) == root_pid or ppid == root_pid:
+                total += utime + stime
+    except OSError:
+        return None
+    return total / tick
+
+
 def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -649,8 +697,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 warm[name] = load(loader, server.port, method, paths, data, seconds=args.warmup,
                                   connections=args.connections, workdir=workdir,
                                   name=f"{name}-warmup")
+            cpu_before = process_tree_cpu(server.pid)
             results[name] = load(loader, server.port, method, paths, data, seconds=args.duration,
                                  connections=args.connections, workdir=workdir, name=name)
+            cpu_after = process_tree_cpu(server.pid)
+            if cpu_before is not None and cpu_after is not None:
+                results[name].server_cpu_s = cpu_after - cpu_before
         uses = sum(link_uses(server.port, link) for link in links)
         trivial, manifest = results["healthz"], results["manifest"]
         manifest.endpoint = "POST /shl/<id>"
@@ -669,7 +721,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "python": platform.python_version(),
                         "loadavg_1m_before": load_before, "loadavg_1m_after": loadavg()},
             "server": {"gunicorn": "gthread", "workers": args.workers, "threads": args.threads,
-                       "rate_limit": False, "access_log": True},
+                       "rate_limit": False, "env": "testing"},
             "database": db.label,
             "loader": loader_label,
             "connections": args.connections,
@@ -702,8 +754,8 @@ def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"machine   {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, "
           f"load average {m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after")
-    print(f"server    gunicorn {srv['gunicorn']}, {srv['workers']} workers x {srv['threads']} threads, "
-          "rate limit off, access log on")
+    print(f"server    gunicorn {srv['gunicorn']}, {srv['workers']} workers x {srv['threads']} "
+          "threads, rate limit off, otherwise shlhost/gunicorn_conf.py and the defaults")
     print(f"database  {report['database']}")
     print(f"load      {report['loader']}, {report['connections']} connections, "
           f"{report['duration_s']:g} s per endpoint after {report['warmup_s']:g} s warm-up, "
@@ -712,15 +764,19 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"file      one FHIR Bundle per link, JWE {report['file']['jwe_bytes']} bytes, embedded "
           f"(embeddedLengthMax 100000); {spread}")
     print()
-    header = f"{'endpoint':<18} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    header = (f"{'endpoint':<18} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7} {'server CPU ms/req':>18}")
     print(header)
     print("-" * len(header))
     for r in report["results"]:
+        cpu = r["server_cpu_ms_per_request"]
+        cpu_text = "n/a" if cpu is None else f"{cpu:.2f}"
         print(f"{r['endpoint']:<18} {r['requests']:>9} {r['rps']:>9.1f} {r['p50_ms']:>8.2f} "
-              f"{r['p99_ms']:>8.2f} {r['errors']:>7}")
+              f"{r['p99_ms']:>8.2f} {r['errors']:>7} {cpu_text:>18}")
     print()
     verdict = "PASS" if report["pass"] else "FAIL"
-    print(f"manifest/trivial = {report['ratio']:.2f}   target >= {report['target']:.2f}   {verdict}")
+    print(f"manifest/trivial = {report['ratio']:.2f}   target >= {report['target']:.2f}   "
+          f"{verdict}")
     for r in report["results"]:
         if r["errors"]:
             bad = {k: v for k, v in r["statuses"].items() if k != "200"}
@@ -734,8 +790,13 @@ def print_table(report: dict[str, Any]) -> None:
              else "LOST UPDATES: the server counted fewer uses than it answered"))
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run()'s finally: the server is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run(args)
     except (BenchError, OSError) as exc:
