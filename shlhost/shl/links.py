@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from argon2 import PasswordHasher
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.orm import Session
 
 from shlhost.crypto import jwe
 from shlhost.crypto.b64 import b64url_encode
@@ -28,7 +28,7 @@ from shlhost.phr.formats import SHL_CONTENT_TYPES, PreparedFile
 from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
-from shlhost.storage.models import Access, Link, LinkFile
+from shlhost.storage.models import Access, Link, LinkFile, link_status
 
 class KeyUnavailable(Conflict):
     def __init__(self) -> None:
@@ -261,11 +261,14 @@ class LinkService:
                 self.blobs.delete(key)
 
     # -- the data plane ------------------------------------------------------------------
+    # The hot path: prebuilt Core statements (see the bottom of this module), one
+    # transaction for a link without passcode, no ORM objects.
 
     def _log(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str,
              file_id: str | None = None) -> None:
-        self.session.add(Access(link_id=link_id, at=now, recipient=(recipient or None) and recipient[:RECIPIENT_MAX],
-                                action=action, outcome=outcome, file_id=file_id))
+        self.session.connection().execute(_LOG, {
+            "link_id": link_id, "at": now, "recipient": (recipient or None) and recipient[:RECIPIENT_MAX],
+            "action": action, "outcome": outcome, "file_id": file_id})
 
     def _dead(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str) -> DeadLink:
         self._log(link_id, now, recipient, action, outcome)
@@ -274,38 +277,25 @@ class LinkService:
 
     def _spend_use(self, link_id: str, now: datetime) -> bool:
         """Count one use if the link is still live; atomic under concurrency."""
-        used = self.session.execute(
-            update(Link)
-            .where(Link.id == link_id, Link.live(now))
-            .values(uses=Link.uses + 1, updated_at=Link.updated_at)  # a use is not a change
-            .returning(Link.uses)
-        ).scalar_one_or_none()
-        return used is not None
+        return self.session.connection().execute(_SPEND_USE, {"link_id": link_id, "now": now}).first() is not None
 
     def _spend_attempt(self, link_id: str, now: datetime) -> int | None:
         """Take one attempt from the passcode budget; the attempts left, or None if none were."""
-        left: int | None = self.session.execute(
-            update(Link)
-            .where(Link.id == link_id, Link.live(now), Link.attempts_left > 0)
-            .values(attempts_left=Link.attempts_left - 1, updated_at=Link.updated_at)
-            .returning(Link.attempts_left)
-        ).scalar_one_or_none()
-        return left
+        row = self.session.connection().execute(_SPEND_ATTEMPT, {"link_id": link_id, "now": now}).first()
+        return None if row is None else int(row[0])
 
-    def _live_link(self, link_id: str, now: datetime, recipient: str | None, action: str) -> Link:
-        link = (
-            self.session.get(Link, link_id, options=[selectinload(Link.files)])
+    def _live_link(self, link_id: str, now: datetime, recipient: str | None, action: str) -> tuple[Any, list[Any]]:
+        """The link's row and its files' rows, if it is live; else the uniform dead link."""
+        conn = self.session.connection()
+        link = conn.execute(_LOAD_LINK, {"link_id": link_id}).first() \
             if isinstance(link_id, str) and len(link_id) == 43 else None
-        )
         if link is None:
             self.session.rollback()
             raise DeadLink()
-        status = link.status(now)
+        status = link_status(link, now)
         if status != "active":
             raise self._dead(link_id, now, recipient, action, status)
-        # End the read transaction before slow work (argon2) so no lock is held meanwhile.
-        self.session.commit()
-        return link
+        return link, conn.execute(_LOAD_FILES, {"link_id": link_id}).all()
 
     def manifest(self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any,
                  now: datetime) -> dict[str, Any]:
@@ -316,11 +306,13 @@ class LinkService:
             raise BadRequest("embeddedLengthMax must be a whole number", code="invalid_embedded_length_max")
         if passcode is not None and not isinstance(passcode, str):
             raise BadRequest("passcode must be a string", code="invalid_passcode")
-        link = self._live_link(link_id, now, recipient, "manifest")
+        link, files = self._live_link(link_id, now, recipient, "manifest")
         if link.direct:
             self.session.rollback()
             raise BadRequest("this is a U link: GET the url with a recipient", code="direct_link")
         if link.passcode_hash is not None:
+            # End the read transaction before argon2 so no lock is held meanwhile.
+            self.session.commit()
             if not passcode:
                 # No guess was made; the budget is untouched.
                 raise WrongPasscode(int(link.attempts_left or 0))
@@ -335,33 +327,34 @@ class LinkService:
             raise self._dead(link_id, now, recipient, "manifest", "dead")
         self._log(link_id, now, recipient, "manifest", "ok")
         self.session.commit()
-        return self._manifest_body(link, embedded_max, now)
+        return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
 
-    def _manifest_body(self, link: Link, embedded_max: int | None, now: datetime) -> dict[str, Any]:
-        files: list[dict[str, Any]] = []
-        for f in link.files:
+    def _manifest_body(self, link_id: str, long_term: bool, files: list[Any], embedded_max: int | None,
+                       now: datetime) -> dict[str, Any]:
+        entries: list[dict[str, Any]] = []
+        for f in files:
             if f.blob_key is None:
                 continue
             entry: dict[str, Any] = {"contentType": f.content_type, "lastUpdated": _iso(f.last_updated)}
             if embedded_max is not None and f.jwe_size <= embedded_max:
-                entry["embedded"] = self._read_file(f)
+                entry["embedded"] = self._read_file(f.id, f.blob_key)
             else:
-                ticket = tickets.issue(self.settings.ticket_secret, link.id, f.id, now.timestamp(),
+                ticket = tickets.issue(self.settings.ticket_secret, link_id, f.id, now.timestamp(),
                                        self.settings.ticket_lifetime)
-                entry["location"] = self.settings.file_url(link.id, f.id, ticket)
-            files.append(entry)
-        return {"status": "can-change" if link.long_term else "finalized", "files": files}
+                entry["location"] = self.settings.file_url(link_id, f.id, ticket)
+            entries.append(entry)
+        return {"status": "can-change" if long_term else "finalized", "files": entries}
 
-    def _read_file(self, f: LinkFile) -> str:
+    def _read_file(self, file_id: str, blob_key: str | None) -> str:
         """A file's JWE. An L link's file may be replaced between reading its row and its
         blob (the old blob is deleted once the new one is in): then read the row again."""
         for _attempt in range(3):
-            if f.blob_key is None:
+            if blob_key is None:
                 break
             try:
-                return self.blobs.get(f.blob_key).decode("ascii")
+                return self.blobs.get(blob_key).decode("ascii")
             except KeyError:
-                self.session.expire(f)
+                blob_key = self.session.connection().execute(_BLOB_KEY, {"file_id": file_id}).scalar()
                 self.session.rollback()
         raise DeadLink()  # revoked meanwhile
 
@@ -369,7 +362,7 @@ class LinkService:
         """The one file of a U link."""
         if not isinstance(recipient, str) or not recipient.strip():
             raise BadRequest("recipient is required: say who is asking", code="recipient_required")
-        link = self._live_link(link_id, now, recipient, "direct")
+        link, files = self._live_link(link_id, now, recipient, "direct")
         if not link.direct:
             self.session.rollback()
             raise BadRequest("this link has a manifest: POST to it", code="manifest_link")
@@ -377,29 +370,23 @@ class LinkService:
             raise self._dead(link_id, now, recipient, "direct", "dead")
         self._log(link_id, now, recipient, "direct", "ok")
         self.session.commit()
-        current = next((f for f in link.files if f.blob_key), None)
+        current = next((f for f in files if f.blob_key), None)
         if current is None:
             raise DeadLink()
-        return self._read_file(current)
+        return self._read_file(current.id, current.blob_key)
 
     def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> str:
         """A file named in a manifest's ``location``: good while its ticket is."""
         if not tickets.check(self.settings.ticket_secret, ticket, link_id, file_id, now.timestamp()):
             raise DeadLink()
-        row = self.session.execute(
-            select(LinkFile.blob_key)
-            .join(Link)
-            .where(LinkFile.id == file_id, LinkFile.link_id == link_id, Link.servable(now))
-        ).one_or_none()
-        if row is None or row.blob_key is None:
+        blob_key = self.session.connection().execute(
+            _SERVABLE_FILE, {"link_id": link_id, "file_id": file_id, "now": now}).scalar()
+        if blob_key is None:
             self.session.rollback()
             raise DeadLink()
         self._log(link_id, now, None, "file", "ok", file_id)
         self.session.commit()
-        try:
-            return self.blobs.get(row.blob_key).decode("ascii")
-        except KeyError:
-            raise DeadLink() from None
+        return self._read_file(file_id, blob_key)
 
     # -- management ----------------------------------------------------------------------
 
@@ -607,3 +594,24 @@ class LinkService:
             query = query.where(Link.account_id == account_id)
         return list(self.session.scalars(query))
 
+
+# Prebuilt statements for the data plane: built once, so a request pays only for binding.
+_LINKS, _FILES, _ACCESS = Link.__table__, LinkFile.__table__, Access.__table__
+_ID, _NOW = bindparam("link_id"), bindparam("now")
+_LOAD_LINK = select(
+    _LINKS.c.id, _LINKS.c.revoked_at, _LINKS.c.active, _LINKS.c.exp, _LINKS.c.attempts_left, _LINKS.c.max_uses,
+    _LINKS.c.uses, _LINKS.c.direct, _LINKS.c.long_term, _LINKS.c.passcode_hash,
+).where(_LINKS.c.id == _ID)
+_LOAD_FILES = select(
+    _FILES.c.id, _FILES.c.content_type, _FILES.c.blob_key, _FILES.c.jwe_size, _FILES.c.last_updated,
+).where(_FILES.c.link_id == _ID).order_by(_FILES.c.position)
+# A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
+_SPEND_USE = (update(_LINKS).where(_LINKS.c.id == _ID, Link.live(_NOW))
+              .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at).returning(_LINKS.c.uses))
+_SPEND_ATTEMPT = (update(_LINKS).where(_LINKS.c.id == _ID, Link.live(_NOW), _LINKS.c.attempts_left > 0)
+                  .values(attempts_left=_LINKS.c.attempts_left - 1, updated_at=_LINKS.c.updated_at)
+                  .returning(_LINKS.c.attempts_left))
+_LOG = insert(_ACCESS)
+_BLOB_KEY = select(_FILES.c.blob_key).where(_FILES.c.id == bindparam("file_id"))
+_SERVABLE_FILE = (select(_FILES.c.blob_key).select_from(_FILES.join(_LINKS))
+                  .where(_FILES.c.id == bindparam("file_id"), _FILES.c.link_id == _ID, Link.servable(_NOW)))

@@ -55,6 +55,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def link_status(link: Any, now: datetime) -> str:
+    """The status of a link, or of any row with a link's columns (the data plane reads rows)."""
+    if link.revoked_at is not None:
+        return "revoked"
+    if not link.active:
+        return "paused"
+    if link.exp is not None and link.exp <= now:
+        return "expired"
+    if link.attempts_left is not None and link.attempts_left <= 0:
+        return "locked"
+    if link.max_uses is not None and link.uses >= link.max_uses:
+        return "used_up"
+    return "active"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -100,17 +115,7 @@ class Link(Base):
 
     def status(self, now: datetime) -> str:
         """One word for the owner: revoked, paused, expired, locked, used_up or active."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if not self.active:
-            return "paused"
-        if self.exp is not None and self.exp <= now:
-            return "expired"
-        if self.attempts_left is not None and self.attempts_left <= 0:
-            return "locked"
-        if self.max_uses is not None and self.uses >= self.max_uses:
-            return "used_up"
-        return "active"
+        return link_status(self, now)
 
     @classmethod
     def servable(cls, now: datetime) -> ColumnElement[bool]:
