@@ -11,7 +11,7 @@ import base64
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
@@ -142,7 +142,6 @@ class Exported:
 
     resources: int = 0
     errors: int = 0
-    patients: list[str] = field(default_factory=list)
 
 
 class Exporter:
@@ -164,20 +163,17 @@ class Exporter:
         after = ""
         while True:
             with self.sessions() as session:
+                # A range scan of ix_resources_current_type: no sort, however large the record.
                 chunk = session.execute(select(
                     ResourceRow.resource_type, ResourceRow.resource_id, ResourceRow.version_id,
                     ResourceRow.last_updated, ResourceRow.content, ResourceRow.source, ResourceRow.current,
                     ResourceRow.patient_id, ResourceRow.clinical_date,
                 ).where(ResourceRow.account_id == self.account_id, ResourceRow.resource_type == rtype,
-                        ResourceRow.resource_id > after)
-                 # Newest version first within an id: the current one (always the newest) can
-                 # never fall behind a chunk boundary.
-                 .order_by(ResourceRow.resource_id, ResourceRow.version_id.desc()).limit(CHUNK)).all()
+                        ResourceRow.current.is_(True), ResourceRow.resource_id > after)
+                 .order_by(ResourceRow.resource_id).limit(CHUNK)).all()
             if not chunk:
                 return
-            for row in chunk:
-                if row.current:
-                    yield row
+            yield from chunk
             after = chunk[-1].resource_id
             if len(chunk) < CHUNK:
                 return
@@ -215,8 +211,8 @@ class Exporter:
                 is_patient = rtype == "Patient" and (sel.patient is None or row.resource_id == sel.patient)
                 if not (sel.wants(row) or (is_patient and not sel.since)):
                     continue
-                included.add((rtype, row.resource_id))
-                if sel.filtered:
+                if sel.filtered:  # the whole record needs no closure: keep no per-row state
+                    included.add((rtype, row.resource_id))
                     wanted.update(self._refs(row.content))
                 yield row
         # The closure: what the selection points at, and what that points at, ...
@@ -251,8 +247,6 @@ class Exporter:
                 yield outcome_line(f"{row.resource_type}/{row.resource_id} could not be exported ({type(exc).__name__})")
                 continue
             self.stats.resources += 1
-            if row.resource_type == "Patient":
-                self.stats.patients.append(row.resource_id)
             yield resource
 
     # -- formats ------------------------------------------------------------------------
@@ -360,10 +354,6 @@ def relink(resource: dict[str, Any], attachments: dict[str, str]) -> bytes:
 def outcome_line(message: str) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome",
             "issue": [{"severity": "error", "code": "processing", "diagnostics": message}]}
-
-
-def stream_name(patients: list[str]) -> str:
-    return patients[0] if len(patients) == 1 else "record"
 
 
 def safe_filename(text: str) -> str:

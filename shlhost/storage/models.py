@@ -204,7 +204,8 @@ class ResourceRow(Base):
 
     __tablename__ = "resources"
     __table_args__ = (
-        Index("ix_resources_current_type", "account_id", "current", "resource_type"),
+        # Current rows of a type in id order: exports, searches and the importer's lookups.
+        Index("ix_resources_current_type", "account_id", "resource_type", "current", "resource_id"),
         Index("ix_resources_patient", "account_id", "patient_id"),
         Index("ix_resources_updated", "account_id", "last_updated"),
         Index("ix_resources_content", "account_id", "content_hash"),

@@ -107,7 +107,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('resources', schema=None) as batch_op:
         batch_op.create_index('ix_resources_content', ['account_id', 'content_hash'], unique=False)
-        batch_op.create_index('ix_resources_current_type', ['account_id', 'current', 'resource_type'], unique=False)
+        batch_op.create_index('ix_resources_current_type', ['account_id', 'resource_type', 'current', 'resource_id'], unique=False)
         batch_op.create_index('ix_resources_patient', ['account_id', 'patient_id'], unique=False)
         batch_op.create_index('ix_resources_updated', ['account_id', 'last_updated'], unique=False)
 
