@@ -41,6 +41,7 @@ from shlhost.phr.store import NewVersion, write_versions
 from shlhost.storage.models import ImportRecord, ResourceConflict, ResourceIdentifier, ResourceRow
 
 BATCH = 2000
+SEEN_PREFIX = 16  # hex digits of a content hash kept per resource: 64 bits
 CHUNK = 1000  # keys per lookup query (well under every driver's parameter limit)
 MAX_LINE = 64 * 1024 * 1024
 MAX_ISSUES = 1000
@@ -96,7 +97,9 @@ class Importer:
         self.state: dict[tuple[str, str], _Current] = {}
         # Content hash of each key's first occurrence in this file: later ones are judged
         # against it, so the same file always gives the same result.
-        self.seen: dict[tuple[str, str], str] = {}
+        # The only per-resource memory kept for a whole import (about 200 bytes a resource):
+        # "Type/id" -> a prefix of the content hash of its first occurrence.
+        self.seen: dict[str, str] = {}
         self.pending: set[tuple[str, str]] = set()
         self.absent: set[tuple[str, str]] = set()  # keys looked up and not stored
         self.has_open_conflicts = session.execute(select(ResourceConflict.id).where(
@@ -212,9 +215,9 @@ class Importer:
         counts = self.result.counts
         for where, new in batch:
             key = (new.resource_type, new.resource_id)
-            first = self.seen.setdefault(key, new.content_hash)
+            first = self.seen.setdefault(f"{key[0]}/{key[1]}", new.content_hash[:SEEN_PREFIX])
             current = self.state.get(key)
-            if first != new.content_hash:
+            if first != new.content_hash[:SEEN_PREFIX]:
                 decision = self._in_file_duplicate(key, new, writes)
             elif current is None:
                 if (new.resource_type, new.content_hash) in duplicates:
@@ -264,6 +267,10 @@ class Importer:
         self._apply_writes(writes)
         if conflicts:
             self.session.execute(insert(ResourceConflict.__table__), conflicts)
+        # Everything this batch learnt is in the database now (same transaction): the next
+        # batch reads what it needs again, so memory does not grow with the file.
+        self.state.clear()
+        self.absent.clear()
 
     def _apply_writes(self, writes: list[tuple[NewVersion, int]]) -> None:
         self.pending.clear()
