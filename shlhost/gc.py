@@ -40,8 +40,10 @@ class GcSettings:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GcSettings:
-        return cls(retention=timedelta(days=float(config["RETENTION_DAYS"])),
-                   grace=timedelta(seconds=float(config["BLOB_GRACE_SECONDS"])))
+        return cls(
+            retention=timedelta(days=float(config["RETENTION_DAYS"])),
+            grace=timedelta(seconds=float(config["BLOB_GRACE_SECONDS"])),
+        )
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,22 @@ class Report:
     def lines(self) -> Iterator[str]:
         verb = "would purge" if self.dry_run else "purged"
         for item in self.purged:
-            yield (f"{verb} link {item.link_id} ({item.reason} {item.since.isoformat(timespec='seconds')}): "
-                   f"{len(item.blobs)} blob(s) and its key")
+            yield (
+                f"{verb} link {item.link_id} ({item.reason} "
+                f"{item.since.isoformat(timespec='seconds')}): "
+                f"{len(item.blobs)} blob(s) and its key"
+            )
         verb = "would delete" if self.dry_run else "deleted"
         for key in self.orphans:
             yield f"{verb} orphaned blob {key}"
         for error in self.errors:
             yield f"error: {error}"
-        yield (f"{'dry run: ' if self.dry_run else ''}{len(self.purged)} link(s) purged, "
-               f"{sum(len(p.blobs) for p in self.purged)} link blob(s) and {len(self.orphans)} orphaned "
-               f"blob(s) deleted; {self.young} blob(s) younger than the grace period left alone")
+        yield (
+            f"{'dry run: ' if self.dry_run else ''}{len(self.purged)} link(s) purged, "
+            f"{sum(len(p.blobs) for p in self.purged)} link blob(s) and {len(self.orphans)} "
+            f"orphaned blob(s) deleted; {self.young} blob(s) younger than the grace period "
+            "left alone"
+        )
 
 
 def _retired(now: datetime, retention: timedelta) -> Any:
@@ -115,31 +123,51 @@ def _still_holding() -> Any:
     )
 
 
-def purge_retired(session: Session, blobs: BlobStore, settings: GcSettings, *, now: datetime,
-                  dry_run: bool, report: Report) -> None:
+def purge_retired(
+    session: Session,
+    blobs: BlobStore,
+    settings: GcSettings,
+    *,
+    now: datetime,
+    dry_run: bool,
+    report: Report,
+) -> None:
     cutoff = now - settings.retention
     after = ""
     while True:
-        links = list(session.scalars(
-            select(Link)
-            .where(_retired(now, settings.retention), _still_holding(), Link.id > after)
-            .order_by(Link.id)
-            .limit(BATCH)
-        ))
+        links = list(
+            session.scalars(
+                select(Link)
+                .where(_retired(now, settings.retention), _still_holding(), Link.id > after)
+                .order_by(Link.id)
+                .limit(BATCH)
+            )
+        )
         if not links:
             session.rollback()
             return
         after = links[-1].id
         batch: list[Purged] = []
         for link in links:
-            keys = list(session.scalars(
-                select(LinkFile.blob_key).where(LinkFile.link_id == link.id, LinkFile.blob_key.is_not(None))
-            ))
+            keys = list(
+                session.scalars(
+                    select(LinkFile.blob_key).where(
+                        LinkFile.link_id == link.id, LinkFile.blob_key.is_not(None)
+                    )
+                )
+            )
             revoked = link.revoked_at is not None and link.revoked_at < cutoff
             since = link.revoked_at if revoked else link.exp
             assert since is not None
-            batch.append(Purged(link.id, "revoked" if revoked else "expired", since, [k for k in keys if k],
-                                link.revoked_at or now))
+            batch.append(
+                Purged(
+                    link.id,
+                    "revoked" if revoked else "expired",
+                    since,
+                    [k for k in keys if k],
+                    link.revoked_at or now,
+                )
+            )
         session.rollback()
         if dry_run:
             report.purged.extend(batch)
@@ -155,7 +183,9 @@ def purge_retired(session: Session, blobs: BlobStore, settings: GcSettings, *, n
             if hit is None:
                 session.rollback()
                 continue
-            session.execute(update(LinkFile).where(LinkFile.link_id == item.link_id).values(blob_key=None))
+            session.execute(
+                update(LinkFile).where(LinkFile.link_id == item.link_id).values(blob_key=None)
+            )
             session.commit()
             report.purged.append(item)
             _delete(blobs, item.blobs, report)
@@ -169,7 +199,9 @@ def _delete(blobs: BlobStore, keys: Iterable[str], report: Report) -> None:
             report.errors.append(f"could not delete {key}: {exc}")
 
 
-def _chunks(items: Iterator[tuple[str, datetime]], size: int) -> Iterator[list[tuple[str, datetime]]]:
+def _chunks(
+    items: Iterator[tuple[str, datetime]], size: int
+) -> Iterator[list[tuple[str, datetime]]]:
     chunk: list[tuple[str, datetime]] = []
     for item in items:
         chunk.append(item)
@@ -180,8 +212,16 @@ def _chunks(items: Iterator[tuple[str, datetime]], size: int) -> Iterator[list[t
         yield chunk
 
 
-def sweep_orphans(session: Session, blobs: BlobStore, settings: GcSettings, *, now: datetime, dry_run: bool,
-                  report: Report, owners: Sequence[BlobOwner] | None = None) -> None:
+def sweep_orphans(
+    session: Session,
+    blobs: BlobStore,
+    settings: GcSettings,
+    *,
+    now: datetime,
+    dry_run: bool,
+    report: Report,
+    owners: Sequence[BlobOwner] | None = None,
+) -> None:
     young = now - settings.grace
     for owner in BLOB_OWNERS if owners is None else owners:
         for chunk in _chunks(blobs.list(owner.prefix), BATCH):
@@ -197,14 +237,23 @@ def sweep_orphans(session: Session, blobs: BlobStore, settings: GcSettings, *, n
                 _delete(blobs, doomed, report)
 
 
-def run(session: Session, blobs: BlobStore, settings: GcSettings, *, now: datetime, dry_run: bool = False,
-        owners: Sequence[BlobOwner] | None = None) -> Report:
+def run(
+    session: Session,
+    blobs: BlobStore,
+    settings: GcSettings,
+    *,
+    now: datetime,
+    dry_run: bool = False,
+    owners: Sequence[BlobOwner] | None = None,
+) -> Report:
     """Purge retired links, then sweep orphaned blobs. Safe to run on several machines at
     once and to interrupt: every step is idempotent."""
     report = Report(dry_run=dry_run)
     try:
         purge_retired(session, blobs, settings, now=now, dry_run=dry_run, report=report)
-        sweep_orphans(session, blobs, settings, now=now, dry_run=dry_run, report=report, owners=owners)
+        sweep_orphans(
+            session, blobs, settings, now=now, dry_run=dry_run, report=report, owners=owners
+        )
     finally:
         with contextlib.suppress(Exception):
             session.rollback()

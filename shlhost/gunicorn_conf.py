@@ -64,7 +64,9 @@ if _log_format() == "json":
         "formatters": {"json": {"()": "shlhost.logs.JsonFormatter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                 "stream": "ext://sys.stderr"}},
-        "loggers": {"gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False}},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        },
         # Libraries' warnings too; the app's own logger does not propagate here in JSON mode.
         "root": {"level": "WARNING", "handlers": ["stderr"]},
     }

@@ -36,16 +36,20 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 REQUESTS = Counter(
-    "shlhost_http_requests", "HTTP requests answered, by method, route (URL rule) and status",
+    "shlhost_http_requests",
+    "HTTP requests answered, by method, route (URL rule) and status",
     ["method", "route", "status"],
 )
 LATENCY = Histogram(
-    "shlhost_http_request_duration_seconds", "Time to answer an HTTP request, by method and route",
+    "shlhost_http_request_duration_seconds",
+    "Time to answer an HTTP request, by method and route",
     ["method", "route"],
     buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 MANIFESTS = Counter(
-    "shlhost_manifest_requests", "Manifest requests by outcome: ok, wrong_passcode, dead", ["outcome"],
+    "shlhost_manifest_requests",
+    "Manifest requests by outcome: ok, wrong_passcode, dead",
+    ["outcome"],
 )
 
 bp = Blueprint("metrics", __name__)
@@ -70,7 +74,7 @@ def exposition() -> bytes:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(REGISTRY)
 

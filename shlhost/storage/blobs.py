@@ -117,10 +117,14 @@ class DatabaseBlobStore:
     PAGE = 1000
 
     def __init__(self, engine: Engine) -> None:
+        from sqlalchemy import Table
+
         from shlhost.storage.models import Blob
 
         self.engine = engine
-        self.table = Blob.__table__
+        table = Blob.__table__
+        assert isinstance(table, Table)
+        self.table: Table = table
 
     def _run(self, work: Any) -> Any:
         from sqlalchemy.exc import SQLAlchemyError
@@ -141,11 +145,10 @@ class DatabaseBlobStore:
 
         def work(conn: Any) -> None:
             if dialect in ("postgresql", "sqlite"):
-                if dialect == "postgresql":
-                    from sqlalchemy.dialects.postgresql import insert as upsert
-                else:
-                    from sqlalchemy.dialects.sqlite import insert as upsert
-                stmt = upsert(table).values(**row)
+                from sqlalchemy.dialects import postgresql, sqlite
+
+                module: Any = postgresql if dialect == "postgresql" else sqlite
+                stmt = module.insert(table).values(**row)
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=[table.c.key],
                     set_={"data": stmt.excluded.data, "created_at": stmt.excluded.created_at},
@@ -161,7 +164,8 @@ class DatabaseBlobStore:
 
         check_key(key)
         table = self.table
-        data = self._run(lambda conn: conn.execute(select(table.c.data).where(table.c.key == key)).scalar())
+        query = select(table.c.data).where(table.c.key == key)
+        data = self._run(lambda conn: conn.execute(query).scalar())
         if data is None:
             raise KeyError(key)
         return bytes(data)
@@ -178,7 +182,8 @@ class DatabaseBlobStore:
 
         check_key(key)
         table = self.table
-        found = self._run(lambda conn: conn.execute(select(table.c.key).where(table.c.key == key)).first())
+        query = select(table.c.key).where(table.c.key == key)
+        found = self._run(lambda conn: conn.execute(query).first())
         return found is not None
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
@@ -197,8 +202,7 @@ class DatabaseBlobStore:
                 .limit(self.PAGE)
             )
             rows = self._run(lambda conn, q=query: conn.execute(q).all())
-            for key, created in rows:
-                yield key, created
+            yield from ((key, created) for key, created in rows)
             if len(rows) < self.PAGE:
                 return
             after = rows[-1][0]

@@ -31,7 +31,9 @@ class Backend:
         prefix = f"links/{link_id}/"
         if isinstance(self.store, S3BlobStore):
             assert self.s3 is not None
-            raw = self.s3.client().list_objects_v2(Bucket=self.store.bucket, Prefix="shlhost/" + prefix)
+            raw = self.s3.client().list_objects_v2(
+                Bucket=self.store.bucket, Prefix="shlhost/" + prefix
+            )
             return {obj["Key"].removeprefix("shlhost/") for obj in raw.get("Contents", [])}
         assert isinstance(self.store, DatabaseBlobStore)
         with self.store.engine.connect() as conn:
@@ -74,7 +76,10 @@ def test_create_and_resolve(backend: Backend, api_b: Api, blob_root: Path) -> No
     assert r.status_code == 200, r.get_json()
     embedded = r.get_json()["files"][0]["embedded"]
     assert embedded == jwe_in_store
-    assert _decrypt(api_b, created, embedded)["entry"][0]["resource"]["name"][0]["family"] == "Lovelace"
+    assert (
+        _decrypt(api_b, created, embedded)["entry"][0]["resource"]["name"][0]["family"]
+        == "Lovelace"
+    )
 
     r = api_b.manifest(created, passcode="4711")
     location = r.get_json()["files"][0]["location"]
@@ -82,7 +87,9 @@ def test_create_and_resolve(backend: Backend, api_b: Api, blob_root: Path) -> No
     assert fetched.status_code == 200 and fetched.mimetype == "application/jose"
     assert fetched.get_data(as_text=True) == jwe_in_store
 
-    assert api_b.client.delete(f"/api/links/{link_id}", headers=api_b.auth(created)).status_code == 204
+    assert (
+        api_b.client.delete(f"/api/links/{link_id}", headers=api_b.auth(created)).status_code == 204
+    )
     assert backend.keys(link_id) == set()
     assert api_b.manifest(created, passcode="4711").status_code == 404
     assert api_b.client.get(api_b.path(location)).status_code == 404
@@ -100,7 +107,9 @@ def test_l_link_files_change_in_the_backend(backend: Backend, api_b: Api) -> Non
     link_id, auth = created["id"], api_b.auth(created)
     first = backend.keys(link_id)
 
-    body = {"files": [{"contentType": "application/fhir+json", "content": minimal_bundle("Ada Two")}]}
+    body = {
+        "files": [{"contentType": "application/fhir+json", "content": minimal_bundle("Ada Two")}]
+    }
     r = api_b.client.post(f"/api/links/{link_id}/files", json=body, headers=auth)
     assert r.status_code == 201, r.get_json()
     files = r.get_json()["files"]
@@ -108,16 +117,21 @@ def test_l_link_files_change_in_the_backend(backend: Backend, api_b: Api) -> Non
     second = backend.keys(link_id)
     assert len(second) == 2 and first < second
 
-    body = {"files": [{"contentType": "application/fhir+json", "content": minimal_bundle("Ada Three")}]}
+    body = {
+        "files": [{"contentType": "application/fhir+json", "content": minimal_bundle("Ada Three")}]
+    }
     r = api_b.client.put(f"/api/links/{link_id}/files/{files[0]['id']}", json=body, headers=auth)
     assert r.status_code == 200, r.get_json()
     third = backend.keys(link_id)
     assert len(third) == 2 and not (first & third)  # the replaced ciphertext is gone
 
     r = api_b.manifest(created, embeddedLengthMax=10**6)
-    names = [_decrypt(api_b, created, f["embedded"])["entry"][0]["resource"]["name"][0]["given"][0]
-             + " " + _decrypt(api_b, created, f["embedded"])["entry"][0]["resource"]["name"][0]["family"]
-             for f in r.get_json()["files"]]
+    names = [
+        _decrypt(api_b, created, f["embedded"])["entry"][0]["resource"]["name"][0]["given"][0]
+        + " "
+        + _decrypt(api_b, created, f["embedded"])["entry"][0]["resource"]["name"][0]["family"]
+        for f in r.get_json()["files"]
+    ]
     assert names == ["Ada Three", "Ada Two"]
 
     r = api_b.client.delete(f"/api/links/{link_id}/files/{files[1]['id']}", headers=auth)
@@ -140,36 +154,57 @@ def _readyz(app: Flask) -> Any:
         app.extensions["shlhost"].engine.dispose()
 
 
-def test_readyz_503_when_s3_is_unreachable(base_config: dict[str, Any], s3_config: dict[str, Any]) -> None:
-    app = make_app(base_config, **{**s3_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+def test_readyz_503_when_s3_is_unreachable(
+    base_config: dict[str, Any], s3_config: dict[str, Any]
+) -> None:
+    app = make_app(
+        base_config, **{**s3_config, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    )
     r = _readyz(app)
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"blobs"}
 
 
-def test_readyz_503_when_the_bucket_is_missing(base_config: dict[str, Any], s3_config: dict[str, Any]) -> None:
+def test_readyz_503_when_the_bucket_is_missing(
+    base_config: dict[str, Any], s3_config: dict[str, Any]
+) -> None:
     r = _readyz(make_app(base_config, **{**s3_config, "S3_BUCKET": "no-such-bucket"}))
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"blobs"}
 
 
 def test_readyz_503_when_the_database_is_unreachable(base_config: dict[str, Any]) -> None:
-    r = _readyz(make_app(base_config, DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none"))
+    r = _readyz(
+        make_app(base_config, DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    )
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"database"}
 
 
-def test_readyz_503_for_database_blobs_when_the_database_is_unreachable(base_config: dict[str, Any]) -> None:
-    r = _readyz(make_app(base_config, BLOB_BACKEND="database",
-                         DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none"))
+def test_readyz_503_for_database_blobs_when_the_database_is_unreachable(
+    base_config: dict[str, Any],
+) -> None:
+    r = _readyz(
+        make_app(
+            base_config,
+            BLOB_BACKEND="database",
+            DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+        )
+    )
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"database", "blobs"}
 
 
-def test_readyz_503_when_the_blobs_table_is_missing(base_config: dict[str, Any], tmp_path: Path) -> None:
+def test_readyz_503_when_the_blobs_table_is_missing(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
     """A database that was never migrated: reachable, but the blob store cannot work."""
-    r = _readyz(make_app(base_config, BLOB_BACKEND="database",
-                         DATABASE_URL="sqlite:///" + str(tmp_path / "unmigrated.db")))
+    r = _readyz(
+        make_app(
+            base_config,
+            BLOB_BACKEND="database",
+            DATABASE_URL="sqlite:///" + str(tmp_path / "unmigrated.db"),
+        )
+    )
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"blobs"}
-

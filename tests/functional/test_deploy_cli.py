@@ -43,8 +43,9 @@ def _revision(url: str) -> str | None:
         engine.dispose()
 
 
-def test_no_migrate_refuses_a_database_behind_the_release(deployment: dict[str, Any],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_migrate_refuses_a_database_behind_the_release(
+    deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHLHOST_SECRET_KEY", "shared-secret-of-all-servers")
     result = CliRunner().invoke(cli, ["serve", "--no-migrate"])
     assert result.exit_code == 2, result.output
@@ -53,8 +54,9 @@ def test_no_migrate_refuses_a_database_behind_the_release(deployment: dict[str, 
     assert _revision(deployment["url"]) == "0001"  # and nothing was migrated
 
 
-def test_no_migrate_starts_gunicorn_on_a_current_database(deployment: dict[str, Any],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_migrate_starts_gunicorn_on_a_current_database(
+    deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHLHOST_SECRET_KEY", "shared-secret-of-all-servers")
     engine = make_engine(deployment["url"])
     migrate.upgrade(engine)  # the deploy step, done once
@@ -63,7 +65,11 @@ def test_no_migrate_starts_gunicorn_on_a_current_database(deployment: dict[str, 
     assert result.exit_code == 0, result.output
     (args,) = deployment["execs"]
     assert args[1:4] == ["-m", "gunicorn", "-c"] and args[4].endswith("gunicorn_conf.py")
-    assert "127.0.0.1:5999" in args and "shlhost.wsgi:app" in args and args[args.index("-w") + 1] == "3"
+    assert (
+        "127.0.0.1:5999" in args
+        and "shlhost.wsgi:app" in args
+        and args[args.index("-w") + 1] == "3"
+    )
 
 
 def test_no_migrate_never_writes_secrets_of_its_own(deployment: dict[str, Any]) -> None:
@@ -79,7 +85,9 @@ def test_no_migrate_never_writes_secrets_of_its_own(deployment: dict[str, Any]) 
     assert deployment["execs"] == []
 
 
-def test_serve_without_the_flag_still_migrates(deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_without_the_flag_still_migrates(
+    deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHLHOST_SECRET_KEY", "shared-secret-of-all-servers")
     result = CliRunner().invoke(cli, ["serve"])
     assert result.exit_code == 0, result.output

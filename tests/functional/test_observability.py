@@ -44,16 +44,26 @@ def test_requests_are_counted_by_route_and_status(api: Api, client: Any) -> None
     route = "/shl/<link_id>"
     for status, n in (("200", 1), ("401", 1)):
         key = {"method": "POST", "route": route, "status": status}
-        assert value(after, "shlhost_http_requests_total", **key) - value(before, "shlhost_http_requests_total",
-                                                                         **key) == n
+        assert (
+            value(after, "shlhost_http_requests_total", **key)
+            - value(before, "shlhost_http_requests_total", **key)
+            == n
+        )
     unmatched = {"method": "GET", "route": "(unmatched)", "status": "404"}
-    assert value(after, "shlhost_http_requests_total", **unmatched) - value(
-        before, "shlhost_http_requests_total", **unmatched) == 1
+    assert (
+        value(after, "shlhost_http_requests_total", **unmatched)
+        - value(before, "shlhost_http_requests_total", **unmatched)
+        == 1
+    )
     hist = {"method": "POST", "route": route}
-    assert value(after, "shlhost_http_request_duration_seconds_count", **hist) - value(
-        before, "shlhost_http_request_duration_seconds_count", **hist) == 2
+    assert (
+        value(after, "shlhost_http_request_duration_seconds_count", **hist)
+        - value(before, "shlhost_http_request_duration_seconds_count", **hist)
+        == 2
+    )
     assert value(after, "shlhost_http_request_duration_seconds_bucket", le="+Inf", **hist) == value(
-        after, "shlhost_http_request_duration_seconds_count", **hist)
+        after, "shlhost_http_request_duration_seconds_count", **hist
+    )
     # Link ids never become label values.
     exposition = client.get("/metrics").get_data(as_text=True)
     assert created["id"] not in exposition and "/no/such/page" not in exposition
@@ -93,7 +103,9 @@ def test_metrics_can_be_switched_off(base_config: dict[str, Any]) -> None:
 def _capture(app: Flask) -> io.StringIO:
     stream = io.StringIO()
     # Ours is the one with shlhost's formatter (pytest may add capture handlers beside it).
-    (handler,) = [h for h in app.logger.handlers if isinstance(h.formatter, (JsonFormatter, TextFormatter))]
+    (handler,) = [
+        h for h in app.logger.handlers if isinstance(h.formatter, (JsonFormatter, TextFormatter))
+    ]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(stream)
     return stream
@@ -132,18 +144,31 @@ def test_json_logs_one_object_per_line_without_secrets(json_app: Flask) -> None:
         assert rec["time"].endswith("Z")
     requests_ = [rec for rec in records if "route" in rec]
     assert {(rec["method"], rec["route"], rec["status"]) for rec in requests_} >= {
-        ("POST", "/api/links", 201), ("POST", "/shl/<link_id>", 200),
-        ("GET", "/shl/<link_id>/files/<file_id>", 200), ("GET", "/api/links/<link_id>", 200),
-        ("GET", "/healthz", 200)}
+        ("POST", "/api/links", 201),
+        ("POST", "/shl/<link_id>", 200),
+        ("GET", "/shl/<link_id>/files/<file_id>", 200),
+        ("GET", "/api/links/<link_id>", 200),
+        ("GET", "/healthz", 200),
+    }
     for rec in requests_:
         assert isinstance(rec["duration"], float) and 0 <= rec["duration"] < 30
         assert rec["request_id"] not in ("", "-")
-    assert [rec["request_id"] for rec in requests_ if rec["route"] == "/healthz"] == ["trace-me-123"]
+    assert [rec["request_id"] for rec in requests_ if rec["route"] == "/healthz"] == [
+        "trace-me-123"
+    ]
     failure = next(rec for rec in records if rec["message"] == "failed")
     assert "RuntimeError" in failure["exc_info"] and "[redacted]" in failure["exc_info"]
 
     text = stream.getvalue()
-    for secret in ("s3cret-passcode-4711", "hunter2", token, key, ticket, created["id"], "shlink:/ey"):
+    for secret in (
+        "s3cret-passcode-4711",
+        "hunter2",
+        token,
+        key,
+        ticket,
+        created["id"],
+        "shlink:/ey",
+    ):
         assert secret not in text, secret
 
 
@@ -152,27 +177,46 @@ def test_text_logs_carry_route_status_and_request_id(base_config: dict[str, Any]
     try:
         stream = _capture(app)
         created = Api(app.test_client()).create()
-        app.test_client().post(f"/shl/{created['id']}", json={"recipient": "r"},
-                               headers={"X-Request-ID": "abc-1"})
+        app.test_client().post(
+            f"/shl/{created['id']}", json={"recipient": "r"}, headers={"X-Request-ID": "abc-1"}
+        )
         line = next(x for x in stream.getvalue().splitlines() if "[abc-1]" in x)
         assert "INFO" in line and "POST /shl/<link_id> 200" in line and created["id"] not in line
     finally:
         app.extensions["shlhost"].engine.dispose()
 
 
-@pytest.mark.parametrize(("overrides", "formatter"), [
-    ({"ENV": "production", "SECRET_KEY": "a-real-secret", "KEY_ENCRYPTION_KEY": TEST_KEK}, JsonFormatter),
-    ({"ENV": "development"}, TextFormatter),
-    ({"ENV": "testing"}, TextFormatter),
-    ({"ENV": "production", "SECRET_KEY": "a-real-secret", "KEY_ENCRYPTION_KEY": TEST_KEK,
-      "LOG_FORMAT": "text"}, TextFormatter),
-    ({"ENV": "development", "LOG_FORMAT": "json"}, JsonFormatter),
-])
-def test_log_format_defaults_by_env(base_config: dict[str, Any], overrides: dict[str, Any],
-                                    formatter: type) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "formatter"),
+    [
+        (
+            {"ENV": "production", "SECRET_KEY": "a-real-secret", "KEY_ENCRYPTION_KEY": TEST_KEK},
+            JsonFormatter,
+        ),
+        ({"ENV": "development"}, TextFormatter),
+        ({"ENV": "testing"}, TextFormatter),
+        (
+            {
+                "ENV": "production",
+                "SECRET_KEY": "a-real-secret",
+                "KEY_ENCRYPTION_KEY": TEST_KEK,
+                "LOG_FORMAT": "text",
+            },
+            TextFormatter,
+        ),
+        ({"ENV": "development", "LOG_FORMAT": "json"}, JsonFormatter),
+    ],
+)
+def test_log_format_defaults_by_env(
+    base_config: dict[str, Any], overrides: dict[str, Any], formatter: type
+) -> None:
     app = make_app(base_config, **overrides)
     try:
-        ours = [h.formatter for h in app.logger.handlers if isinstance(h.formatter, (JsonFormatter, TextFormatter))]
+        ours = [
+            h.formatter
+            for h in app.logger.handlers
+            if isinstance(h.formatter, (JsonFormatter, TextFormatter))
+        ]
         assert len(ours) == 1 and isinstance(ours[0], formatter)
     finally:
         app.extensions["shlhost"].engine.dispose()

@@ -31,8 +31,12 @@ def limited(base_config: dict[str, Any]) -> Iterator[Any]:
 
 def _manifest(app: Flask, link_id: str, client_ip: str) -> int:
     """A manifest request arriving from the balancer on behalf of ``client_ip``."""
-    r = app.test_client().post(f"/shl/{link_id}", json={"recipient": "r"}, environ_base=BALANCER,
-                               headers={"X-Forwarded-For": client_ip})
+    r = app.test_client().post(
+        f"/shl/{link_id}",
+        json={"recipient": "r"},
+        environ_base=BALANCER,
+        headers={"X-Forwarded-For": client_ip},
+    )
     return r.status_code
 
 
@@ -58,8 +62,15 @@ def test_only_the_balancers_own_entry_is_believed(limited: Any) -> None:
     app = limited(TRUSTED_PROXIES=1)
     link = Api(app.test_client()).create()["id"]
     client = app.test_client()
-    codes = [client.post(f"/shl/{link}", json={"recipient": "r"}, environ_base=BALANCER,
-                         headers={"X-Forwarded-For": f"192.0.2.{i}, 203.0.113.7"}).status_code for i in range(3)]
+    codes = [
+        client.post(
+            f"/shl/{link}",
+            json={"recipient": "r"},
+            environ_base=BALANCER,
+            headers={"X-Forwarded-For": f"192.0.2.{i}, 203.0.113.7"},
+        ).status_code
+        for i in range(3)
+    ]
     assert codes == [200, 200, 429]
 
 
@@ -73,7 +84,9 @@ def test_the_request_log_shows_the_client_not_the_balancer(limited: Any) -> None
     (handler,) = [h for h in app.logger.handlers if isinstance(h.formatter, JsonFormatter)]
     stream = io.StringIO()
     handler.setStream(stream)  # type: ignore[attr-defined]
-    app.test_client().get("/healthz", environ_base=BALANCER, headers={"X-Forwarded-For": "203.0.113.7"})
+    app.test_client().get(
+        "/healthz", environ_base=BALANCER, headers={"X-Forwarded-For": "203.0.113.7"}
+    )
     line = json.loads(stream.getvalue().splitlines()[-1])
     assert line["remote_addr"] == "203.0.113.7"
 
@@ -96,7 +109,11 @@ def test_redis_limits_are_enforced(limited: Any) -> None:
         first = limited(RATELIMIT_STORAGE_URI="redis://127.0.0.1:6379")
         second = limited(RATELIMIT_STORAGE_URI="redis://127.0.0.1:6379")
         link = Api(first.test_client()).create()["id"]
-        assert [_manifest(app, link, "10.0.0.2") for app in (first, second, first)] == [200, 200, 429]
+        assert [_manifest(app, link, "10.0.0.2") for app in (first, second, first)] == [
+            200,
+            200,
+            429,
+        ]
         assert list(client.scan_iter(match=f"*{link}*"))
     finally:
         for key in client.scan_iter(match=f"*{link}*") if link else []:

@@ -40,8 +40,12 @@ def engine(database_url: str) -> Iterator[Any]:
 def shared_s3_store(s3_server: S3Server) -> S3BlobStore:
     """One bucket and client for the module (making a boto3 client takes a while); tests
     keep apart by key prefix."""
-    return S3BlobStore(s3_server.new_bucket(), prefix="some/prefix", endpoint_url=s3_server.endpoint,
-                       region="us-east-1")
+    return S3BlobStore(
+        s3_server.new_bucket(),
+        prefix="some/prefix",
+        endpoint_url=s3_server.endpoint,
+        region="us-east-1",
+    )
 
 
 @pytest.fixture
@@ -107,13 +111,16 @@ def test_list_by_prefix_with_times(store: BlobStore, unique: str) -> None:
     after = datetime.now(UTC) + timedelta(seconds=5)
 
     everything = dict(store.list(unique))
-    assert set(everything) == {unique + k for k in ("links/a/f1-1.jwe", "links/a/f2-1.jwe",
-                                                    "links/b/f1-1.jwe", "other/x")}
+    assert set(everything) == {
+        unique + k for k in ("links/a/f1-1.jwe", "links/a/f2-1.jwe", "links/b/f1-1.jwe", "other/x")
+    }
     for when in everything.values():
         assert when.tzinfo is not None
         assert before <= when <= after
-    assert {k for k, _ in store.list(unique + "links/a/")} == {unique + "links/a/f1-1.jwe",
-                                                                unique + "links/a/f2-1.jwe"}
+    assert {k for k, _ in store.list(unique + "links/a/")} == {
+        unique + "links/a/f1-1.jwe",
+        unique + "links/a/f2-1.jwe",
+    }
     assert list(store.list(unique + "nothing/")) == []
     store.delete(unique + "links/a/f1-1.jwe")
     assert unique + "links/a/f1-1.jwe" not in dict(store.list(unique))
@@ -131,8 +138,12 @@ def test_list_prefix_is_literal(store: BlobStore, unique: str) -> None:
 
 @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "", "a/../b", "a b", "a\\b", "é", "a/*"])
 def test_invalid_keys_are_refused(store: BlobStore, key: str) -> None:
-    for call in (lambda: store.put(key, b"x"), lambda: store.get(key), lambda: store.exists(key),
-                 lambda: store.delete(key)):
+    for call in (
+        lambda: store.put(key, b"x"),
+        lambda: store.get(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+    ):
         with pytest.raises(ValueError):
             call()
 
@@ -180,7 +191,9 @@ def test_database_blob_is_committed_by_put(engine: Any, database_url: str, uniqu
     other = make_engine(database_url)
     try:
         with other.connect() as conn:
-            row = conn.execute(select(Blob.data, Blob.created_at).where(Blob.key == unique + "k")).one()
+            row = conn.execute(
+                select(Blob.data, Blob.created_at).where(Blob.key == unique + "k")
+            ).one()
     finally:
         other.dispose()
     assert bytes(row.data) == b"data"
@@ -201,7 +214,9 @@ def test_database_blob_survives_the_callers_rollback(engine: Any, unique: str) -
     assert store.get(unique + "k") == b"data"
 
 
-def test_database_list_pages_and_tolerates_deletes(engine: Any, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_database_list_pages_and_tolerates_deletes(
+    engine: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = DatabaseBlobStore(engine)
     monkeypatch.setattr(DatabaseBlobStore, "PAGE", 3)
     keys = [f"{unique}k{i:02}" for i in range(10)]
@@ -228,7 +243,12 @@ def test_database_unreachable_is_a_blob_store_error(tmp_path: Path) -> None:
     engine = make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none", pool_pre_ping=False)
     store = DatabaseBlobStore(engine)
     try:
-        for call in (store.ping, lambda: store.put("k", b"x"), lambda: store.get("k"), lambda: store.delete("k")):
+        for call in (
+            store.ping,
+            lambda: store.put("k", b"x"),
+            lambda: store.get("k"),
+            lambda: store.delete("k"),
+        ):
             with pytest.raises(BlobStoreError) as info:
                 call()
             assert isinstance(info.value, OSError)
@@ -250,10 +270,14 @@ def test_database_without_the_blobs_table_fails_ping(tmp_path: Path) -> None:
 
 def test_s3_objects_live_under_the_prefix(s3_server: S3Server) -> None:
     bucket = s3_server.new_bucket()
-    store = S3BlobStore(bucket, prefix="/deploy-a/", endpoint_url=s3_server.endpoint, region="us-east-1")
+    store = S3BlobStore(
+        bucket, prefix="/deploy-a/", endpoint_url=s3_server.endpoint, region="us-east-1"
+    )
     store.put("links/x/f.jwe", b"jwe")
     raw = s3_server.client()
-    assert [o["Key"] for o in raw.list_objects_v2(Bucket=bucket)["Contents"]] == ["deploy-a/links/x/f.jwe"]
+    assert [o["Key"] for o in raw.list_objects_v2(Bucket=bucket)["Contents"]] == [
+        "deploy-a/links/x/f.jwe"
+    ]
     assert raw.get_object(Bucket=bucket, Key="deploy-a/links/x/f.jwe")["Body"].read() == b"jwe"
     # Another deployment's prefix in the same bucket is invisible, and never listed.
     raw.put_object(Bucket=bucket, Key="deploy-b/links/y/g.jwe", Body=b"theirs")
@@ -271,7 +295,9 @@ def test_s3_missing_bucket_fails_ping_and_put(s3_server: S3Server) -> None:
 
 
 def test_s3_unreachable_is_a_blob_store_error(s3_server: S3Server) -> None:
-    store = S3BlobStore("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    store = S3BlobStore(
+        "bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1"
+    )
     with pytest.raises(BlobStoreError) as info:
         store.ping()
     assert isinstance(info.value, OSError)
@@ -283,11 +309,20 @@ def test_s3_unreachable_is_a_blob_store_error(s3_server: S3Server) -> None:
 
 
 def test_make_blob_store_by_backend(tmp_path: Path, engine: Any, s3_server: S3Server) -> None:
-    assert isinstance(make_blob_store({"BLOB_BACKEND": "local", "BLOB_PATH": str(tmp_path)}), LocalBlobStore)
+    assert isinstance(
+        make_blob_store({"BLOB_BACKEND": "local", "BLOB_PATH": str(tmp_path)}), LocalBlobStore
+    )
     db_store = make_blob_store({"BLOB_BACKEND": "database"}, engine)
     assert isinstance(db_store, DatabaseBlobStore) and db_store.engine is engine
-    s3 = make_blob_store({"BLOB_BACKEND": "s3", "S3_BUCKET": "b", "S3_PREFIX": "p",
-                          "S3_ENDPOINT_URL": s3_server.endpoint, "S3_REGION": "eu-west-1"})
+    s3 = make_blob_store(
+        {
+            "BLOB_BACKEND": "s3",
+            "S3_BUCKET": "b",
+            "S3_PREFIX": "p",
+            "S3_ENDPOINT_URL": s3_server.endpoint,
+            "S3_REGION": "eu-west-1",
+        }
+    )
     assert isinstance(s3, S3BlobStore)
     assert (s3.bucket, s3.prefix, s3.client.meta.region_name) == ("b", "p/", "eu-west-1")
     with pytest.raises(ValueError):

@@ -55,8 +55,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, engine: Any) -> BlobSt
 
 @pytest.fixture
 def service(session: Session, store: BlobStore) -> LinkService:
-    settings = LinkSettings(kek=os.urandom(32), ticket_secret=b"t" * 32, public_url="http://localhost",
-                            ticket_lifetime=300, passcode_attempts=5, hasher=hasher("cheapest"))
+    settings = LinkSettings(
+        kek=os.urandom(32),
+        ticket_secret=b"t" * 32,
+        public_url="http://localhost",
+        ticket_lifetime=300,
+        passcode_attempts=5,
+        hasher=hasher("cheapest"),
+    )
     return LinkService(session, store, settings)
 
 
@@ -69,7 +75,9 @@ class Made:
         self.id = link_id
 
 
-def _link(service: LinkService, *, now: datetime, exp: datetime | None = None, files: int = 1) -> Made:
+def _link(
+    service: LinkService, *, now: datetime, exp: datetime | None = None, files: int = 1
+) -> Made:
     prepared = [prepare_json("application/fhir+json", minimal_bundle()) for _ in range(files)]
     link_id = service.create(prepared, LinkOptions(exp=exp, flags="L"), now=now).link.id
     service.manifest(link_id, recipient="Dr Before", passcode=None, embedded_max=None, now=now)
@@ -93,8 +101,9 @@ def _row(session: Session, link_id: str) -> Link:
 # --- retention ----------------------------------------------------------------------------------
 
 
-def test_links_retired_beyond_retention_are_purged(service: LinkService, session: Session,
-                                                   store: BlobStore) -> None:
+def test_links_retired_beyond_retention_are_purged(
+    service: LinkService, session: Session, store: BlobStore
+) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     old_expired = _link(service, now=now - 40 * DAY, exp=now - 31 * DAY, files=2)
     recent_expired = _link(service, now=now - 40 * DAY, exp=now - 29 * DAY)
@@ -102,7 +111,11 @@ def test_links_retired_beyond_retention_are_purged(service: LinkService, session
     future = _link(service, now=now, exp=now + DAY)
     # Revoked 40 days ago by something that did not purge (a failed delete, an old release).
     old_revoked = _link(service, now=now - 50 * DAY)
-    session.execute(update(Link).where(Link.id == old_revoked.id).values(revoked_at=now - 40 * DAY, active=False))
+    session.execute(
+        update(Link)
+        .where(Link.id == old_revoked.id)
+        .values(revoked_at=now - 40 * DAY, active=False)
+    )
     session.commit()
     doomed = [k for k in _keys(session, old_expired.id) + _keys(session, old_revoked.id) if k]
     kept = [k for link in (recent_expired, alive, future) for k in _keys(session, link.id) if k]
@@ -114,22 +127,36 @@ def test_links_retired_beyond_retention_are_purged(service: LinkService, session
     assert report.errors == []
     assert set(purged) >= {old_expired.id, old_revoked.id}
     assert not set(purged) & {recent_expired.id, alive.id, future.id}
-    assert (purged[old_expired.id].reason, purged[old_expired.id].since) == ("expired", now - 31 * DAY)
-    assert (purged[old_revoked.id].reason, purged[old_revoked.id].since) == ("revoked", now - 40 * DAY)
+    assert (purged[old_expired.id].reason, purged[old_expired.id].since) == (
+        "expired",
+        now - 31 * DAY,
+    )
+    assert (purged[old_revoked.id].reason, purged[old_revoked.id].since) == (
+        "revoked",
+        now - 40 * DAY,
+    )
     assert sorted(purged[old_expired.id].blobs + purged[old_revoked.id].blobs) == sorted(doomed)
     assert not any(store.exists(k) for k in doomed)
     assert all(store.exists(k) for k in kept)
 
     for link_id, revoked_at in ((old_expired.id, now), (old_revoked.id, now - 40 * DAY)):
         row = _row(session, link_id)  # the tombstone stays
-        assert row.wrapped_key is None and row.revoked_at == revoked_at and row.status(now) == "revoked"
+        assert (
+            row.wrapped_key is None
+            and row.revoked_at == revoked_at
+            and row.status(now) == "revoked"
+        )
         assert _keys(session, link_id) and not any(_keys(session, link_id))
-        logged = session.scalar(select(func.count()).select_from(Access).where(Access.link_id == link_id))
+        logged = session.scalar(
+            select(func.count()).select_from(Access).where(Access.link_id == link_id)
+        )
         session.rollback()
         assert logged == 1  # the access log stays
     assert _row(session, recent_expired.id).wrapped_key is not None
     with pytest.raises(DeadLink):  # nothing can bring a purged link back
-        service.manifest(old_expired.id, recipient="x", passcode=None, embedded_max=None, now=now - 35 * DAY)
+        service.manifest(
+            old_expired.id, recipient="x", passcode=None, embedded_max=None, now=now - 35 * DAY
+        )
 
     again = gc.run(session, store, SETTINGS, now=now)
     assert not {p.link_id for p in again.purged} & {old_expired.id, old_revoked.id}
@@ -149,15 +176,20 @@ def test_dry_run_changes_nothing(service: LinkService, session: Session, store: 
     assert gc.run(session, store, SETTINGS, now=now).purged  # the real run still finds it
 
 
-def test_retention_zero_purges_as_soon_as_expired(service: LinkService, session: Session, store: BlobStore) -> None:
+def test_retention_zero_purges_as_soon_as_expired(
+    service: LinkService, session: Session, store: BlobStore
+) -> None:
     now = datetime.now(UTC)
     link = _link(service, now=now - DAY, exp=now - timedelta(seconds=1))
-    report = gc.run(session, store, gc.GcSettings(retention=timedelta(0), grace=SETTINGS.grace), now=now)
+    report = gc.run(
+        session, store, gc.GcSettings(retention=timedelta(0), grace=SETTINGS.grace), now=now
+    )
     assert link.id in {p.link_id for p in report.purged}
 
 
-def test_the_update_rechecks_retirement(service: LinkService, session: Session, store: BlobStore,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_update_rechecks_retirement(
+    service: LinkService, session: Session, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An owner who moves ``exp`` forward between gc's look and its update keeps the link."""
     now = datetime.now(UTC)
     link = _link(service, now=now - 40 * DAY, exp=now - 35 * DAY)
@@ -171,7 +203,9 @@ def test_the_update_rechecks_retirement(service: LinkService, session: Session, 
             other.commit()
 
     monkeypatch.setattr(Session, "rollback", rollback_then_owner_extends)
-    report = gc.purge_retired(session, store, SETTINGS, now=now, dry_run=False, report=gc.Report(False))
+    report = gc.purge_retired(
+        session, store, SETTINGS, now=now, dry_run=False, report=gc.Report(False)
+    )
     monkeypatch.undo()
     assert report is None
     assert _row(session, link.id).wrapped_key is not None
@@ -181,7 +215,9 @@ def test_the_update_rechecks_retirement(service: LinkService, session: Session, 
 # --- orphans ----------------------------------------------------------------------------------
 
 
-def test_orphans_old_enough_are_deleted(service: LinkService, session: Session, store: BlobStore) -> None:
+def test_orphans_old_enough_are_deleted(
+    service: LinkService, session: Session, store: BlobStore
+) -> None:
     now = datetime.now(UTC)
     link = _link(service, now=now, files=2)
     referenced = [k for k in _keys(session, link.id) if k]
@@ -206,19 +242,28 @@ def test_orphans_old_enough_are_deleted(service: LinkService, session: Session, 
     assert not store.exists(orphan)
     assert all(store.exists(k) for k in referenced)
     assert store.exists(foreign)  # never touched: no owner claims other/
-    manifest = service.manifest(link.id, recipient="Dr After", passcode=None, embedded_max=10**6, now=now)
+    manifest = service.manifest(
+        link.id, recipient="Dr After", passcode=None, embedded_max=10**6, now=now
+    )
     assert len(manifest["files"]) == 2
 
 
-def test_a_failed_upload_leaves_an_orphan_that_gc_sweeps(service: LinkService, session: Session,
-                                                         store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_upload_leaves_an_orphan_that_gc_sweeps(
+    service: LinkService, session: Session, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The blob is written, then the transaction fails: exactly what the grace period is for."""
     now = datetime.now(UTC)
     before = {k for k, _ in store.list("links/")}
-    monkeypatch.setattr(LinkService, "_delete_blobs", lambda self, keys: None)  # the clean-up fails too
-    monkeypatch.setattr(Session, "commit", lambda self: (_ for _ in ()).throw(OSError("database went away")))
+    monkeypatch.setattr(
+        LinkService, "_delete_blobs", lambda self, keys: None
+    )  # the clean-up fails too
+    monkeypatch.setattr(
+        Session, "commit", lambda self: (_ for _ in ()).throw(OSError("database went away"))
+    )
     with pytest.raises(OSError):
-        service.create([prepare_json("application/fhir+json", minimal_bundle())], LinkOptions(), now=now)
+        service.create(
+            [prepare_json("application/fhir+json", minimal_bundle())], LinkOptions(), now=now
+        )
     monkeypatch.undo()
     left = {k for k, _ in store.list("links/")} - before
     assert len(left) == 1
@@ -290,7 +335,9 @@ def test_cli_gc_honours_retention_days(base_config: dict[str, Any]) -> None:
         rt = app.extensions["shlhost"]
         now = datetime.now(UTC)
         with rt.sessions() as session:
-            link = _link(LinkService(session, rt.blobs, rt.links), now=now - 50 * DAY, exp=now - 40 * DAY)
+            link = _link(
+                LinkService(session, rt.blobs, rt.links), now=now - 50 * DAY, exp=now - 40 * DAY
+            )
         output = app.test_cli_runner().invoke(cli, ["gc", "--dry-run"]).output
         assert link.id not in output
     finally:
