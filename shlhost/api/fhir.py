@@ -8,7 +8,6 @@ OperationOutcomes (see api/errors.py).
 from __future__ import annotations
 
 import tempfile
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -16,18 +15,18 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from shlhost import __version__
 from shlhost.accounts import account_for_token
-from shlhost.api.common import bearer_token, db, links, now, runtime
+from shlhost.api.common import bearer_token, db, json_body, links, now, runtime
 from shlhost.errors import BadRequest, NotFound, Unauthorized
 from shlhost.phr import definitions, exporter, fhir, sharing
 from shlhost.phr.importer import (
-    ImportOptions,
     Importer,
+    ImportOptions,
     ImportResult,
     bundle_items,
     detect_format,
     ndjson_items,
-    spool,
     sphr_items,
+    spool,
 )
 from shlhost.phr.store import RecordStore, etag, iso, render
 
@@ -281,14 +280,7 @@ def search(rtype: str) -> Response:
 def history_type(rtype: str) -> Response:
     check_type(rtype)
     since = request.args.get("_since")
-    when = None
-    if since:
-        try:
-            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadRequest("_since must be an instant (ISO 8601)", code="invalid_since") from None
-        if when.tzinfo is None:
-            raise BadRequest("_since needs a time zone", code="invalid_since")
+    when = fhir.parse_instant(since) if since else None
     rows = store().history_type(rtype, since=when, count=_count())
     return fhir_response(_bundle("history", rows, len(rows), history=True))
 
@@ -302,13 +294,7 @@ def read(rtype: str, rid: str) -> Response:
 @bp.put("/<rtype>/<rid>")
 def update(rtype: str, rid: str) -> Response:
     check_type(rtype)
-    try:
-        body = request.get_json(force=True, silent=True)
-    except RecursionError:
-        body = None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a FHIR resource in JSON", code="invalid_json")
-    row, changed = store().update(rtype, rid, body, if_match=request.headers.get("If-Match"),
+    row, changed = store().update(rtype, rid, json_body(), if_match=request.headers.get("If-Match"),
                                   source=request.args.get("source"), now=now())
     if changed:
         record_changed(row.account_id)

@@ -94,14 +94,7 @@ class Selection:
             unknown = [t for t in kinds if t not in fhir.R4_RESOURCE_TYPES]
             if unknown:
                 raise BadRequest(f"_type names unknown resource types: {', '.join(unknown)}", code="invalid_type")
-        when = None
-        if since:
-            try:
-                when = datetime.fromisoformat(since.replace("Z", "+00:00"))
-            except ValueError:
-                raise BadRequest("_since must be an instant such as 2024-05-01T00:00:00Z", code="invalid_since") from None
-            if when.tzinfo is None:
-                raise BadRequest("_since needs a time zone (e.g. Z)", code="invalid_since")
+        when = fhir.parse_instant(since) if since else None
         pid = None
         if patient:
             pid = patient.removeprefix("Patient/")

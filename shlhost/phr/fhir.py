@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import orjson
+
+from shlhost.errors import BadRequest
 
 R4_RESOURCE_TYPES = frozenset(
     """Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse
@@ -83,6 +86,17 @@ def is_export_cover(resource: dict[str, Any]) -> bool:
     return isinstance(tags, list) and any(
         isinstance(t, dict) and t.get("system") == EXPORT_COVER_TAG["system"] and t.get("code") == "export-cover"
         for t in tags)
+
+
+def parse_instant(text: str, name: str = "_since") -> datetime:
+    """An ISO 8601 instant with a time zone, or a clear 400 naming the parameter."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an instant such as 2024-05-01T00:00:00Z", code="invalid_since") from None
+    if when.tzinfo is None:
+        raise BadRequest(f"{name} needs a time zone (e.g. Z)", code="invalid_since")
+    return when
 
 
 def strip_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
