@@ -43,7 +43,7 @@ def build(url: str, size: int, tmp: str) -> str:
     """Fill a fresh store with ``size`` resources; return an API token for its account."""
     from shlhost.accounts import create_token
     from shlhost.crypto.passcodes import hasher
-    from shlhost.phr.importer import ImportOptions, Importer, ndjson_items
+    from shlhost.phr.importer import Importer, ImportOptions, ndjson_items
     from shlhost.storage import migrate
     from shlhost.storage.db import make_engine, make_sessionmaker
     from shlhost.storage.models import Account

@@ -122,7 +122,7 @@ def phase(name: str, path: str, url: str) -> dict[str, float]:
                     fhir.content_hash(res)
                     count += 1
     else:
-        from shlhost.phr.importer import ImportOptions, Importer, ndjson_items
+        from shlhost.phr.importer import Importer, ImportOptions, ndjson_items
         from shlhost.storage.db import make_engine, make_sessionmaker
         from shlhost.storage.models import Account
 

@@ -36,7 +36,14 @@ from sqlalchemy.orm import Session
 
 from shlhost.errors import BadRequest, PayloadTooLarge, Unprocessable
 from shlhost.phr import fhir
-from shlhost.phr.formats import Problem, attachments_of, clean_resource, guess_type, iter_ndjson_stream, open_sphr
+from shlhost.phr.formats import (
+    Problem,
+    attachments_of,
+    clean_resource,
+    guess_type,
+    iter_ndjson_stream,
+    open_sphr,
+)
 from shlhost.phr.store import NewVersion, write_versions
 from shlhost.storage.models import ImportRecord, ResourceConflict, ResourceIdentifier, ResourceRow
 

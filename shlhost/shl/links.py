@@ -23,12 +23,20 @@ from shlhost.crypto import jwe
 from shlhost.crypto.b64 import b64url_encode
 from shlhost.crypto.keys import new_link_key, new_token, token_hash, unwrap_key, wrap_key
 from shlhost.crypto.passcodes import hash_secret, verify_secret
-from shlhost.errors import BadRequest, Conflict, DeadLink, NotFound, UnsupportedMediaType, WrongPasscode
+from shlhost.errors import (
+    BadRequest,
+    Conflict,
+    DeadLink,
+    NotFound,
+    UnsupportedMediaType,
+    WrongPasscode,
+)
 from shlhost.phr.formats import SHL_CONTENT_TYPES, PreparedFile
 from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile, link_status
+
 
 class KeyUnavailable(Conflict):
     def __init__(self) -> None:

@@ -8,8 +8,8 @@ import json
 import struct
 from pathlib import Path
 
-import pyzipper
 import pytest
+import pyzipper
 from sqlalchemy import update
 
 from shlhost.cli import cli

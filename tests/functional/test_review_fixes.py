@@ -7,7 +7,7 @@ import logging
 
 from shlhost.shl.links import LinkService
 from tests.conftest import make_app
-from tests.helpers import independent_decrypt, minimal_bundle
+from tests.helpers import independent_decrypt
 
 
 def test_a_changed_kek_is_a_clear_answer_not_a_500(api, base_config):
