@@ -217,6 +217,10 @@ class LinkService:
             record_query=record_query,
         )
         written: list[str] = []
+        # The caller may have read already (an API token's account): end that transaction
+        # before writing blobs, which the database blob store does through a connection of
+        # its own (on SQLite it would wait for this session's lock). See add_files.
+        self.session.commit()
         try:
             for position, new in enumerate(files):
                 link.files.append(self._store_file(link_id, key, new, position, now, written))

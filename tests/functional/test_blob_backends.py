@@ -208,3 +208,22 @@ def test_readyz_503_when_the_blobs_table_is_missing(
     )
     assert r.status_code == 503
     assert set(r.get_json()["problems"]) == {"blobs"}
+
+
+def test_create_with_an_api_token(backend: Backend, api_b: Api) -> None:
+    """The token lookup reads the database before the upload writes its blob: on SQLite
+    the database blob store must not wait on the request's own read transaction."""
+    import os
+    from datetime import UTC, datetime
+
+    from shlhost import accounts
+
+    rt = backend.app.extensions["shlhost"]
+    with rt.sessions() as session:
+        email = f"blob-{os.urandom(4).hex()}@example.org"
+        account = accounts.create_account(session, rt.hasher, email, "a long password", now=datetime.now(UTC))
+        token = accounts.create_token(session, account, now=datetime.now(UTC))
+    body = {"files": [{"contentType": "application/fhir+json", "content": minimal_bundle()}]}
+    r = api_b.client.post("/api/links", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.get_json()
+    assert len(backend.keys(r.get_json()["id"])) == 1

@@ -257,9 +257,14 @@ def test_a_failed_upload_leaves_an_orphan_that_gc_sweeps(
     monkeypatch.setattr(
         LinkService, "_delete_blobs", lambda self, keys: None
     )  # the clean-up fails too
-    monkeypatch.setattr(
-        Session, "commit", lambda self: (_ for _ in ()).throw(OSError("database went away"))
-    )
+    real_commit = Session.commit
+
+    def commit_fails_with_the_link(self: Session) -> None:
+        if any(isinstance(obj, Link) for obj in self.new):  # the blobs are already written
+            raise OSError("database went away")
+        real_commit(self)
+
+    monkeypatch.setattr(Session, "commit", commit_fails_with_the_link)
     with pytest.raises(OSError):
         service.create(
             [prepare_json("application/fhir+json", minimal_bundle())], LinkOptions(), now=now
