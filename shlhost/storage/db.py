@@ -50,9 +50,6 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
-        # 32 MiB of page cache (default 2 MiB), taken only as used: bulk imports insert into
-        # several indexes with random keys (content hashes) and would otherwise thrash.
-        cur.execute("PRAGMA cache_size=-32768")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -2,8 +2,7 @@
 
 Runs bench/export.py, which measures each phase in a fresh process. Holding the export in
 memory would grow the peak by at least the output's size (about 63 MB at 100,000
-resources); streaming keeps the growth to allocator slack. Both sizes are past SQLite's
-page cache (32 MiB, full once the database is larger), so the cache is no difference.
+resources); streaming keeps the growth to allocator and page-cache slack.
 """
 
 from __future__ import annotations
