@@ -221,7 +221,9 @@ def test_create_with_an_api_token(backend: Backend, api_b: Api) -> None:
     rt = backend.app.extensions["shlhost"]
     with rt.sessions() as session:
         email = f"blob-{os.urandom(4).hex()}@example.org"
-        account = accounts.create_account(session, rt.hasher, email, "a long password", now=datetime.now(UTC))
+        account = accounts.create_account(
+            session, rt.hasher, email, "a long password", now=datetime.now(UTC)
+        )
         token = accounts.create_token(session, account, now=datetime.now(UTC))
     body = {"files": [{"contentType": "application/fhir+json", "content": minimal_bundle()}]}
     r = api_b.client.post("/api/links", json=body, headers={"Authorization": f"Bearer {token}"})
