@@ -57,7 +57,9 @@ def build(url: str, size: int, tmp: str) -> str:
         session.add(account)
         session.commit()
         with data.open("rb") as fh:
-            Importer(session, account.id, ImportOptions(source="bench"), now=datetime.now(UTC)).run(ndjson_items(fh))
+            Importer(session, account.id, ImportOptions(source="bench"), now=datetime.now(UTC)).run(
+                ndjson_items(fh)
+            )
         token = create_token(session, account, now=datetime.now(UTC))
     engine.dispose()
     data.unlink()
@@ -77,17 +79,37 @@ def phase(name: str, url: str, token: str, tmp: str) -> dict[str, float]:
 
         sessions = make_sessionmaker(make_engine(url))
         started = time.perf_counter()
-        for rtype in ("Condition", "Encounter", "Immunization", "MedicationRequest", "Observation", "Patient",
-                      "Procedure"):
+        for rtype in (
+            "Condition",
+            "Encounter",
+            "Immunization",
+            "MedicationRequest",
+            "Observation",
+            "Patient",
+            "Procedure",
+        ):
             after = ""
             while True:
                 with sessions() as session:
-                    rows = session.execute(select(
-                        ResourceRow.resource_type, ResourceRow.resource_id, ResourceRow.version_id,
-                        ResourceRow.last_updated, ResourceRow.content, ResourceRow.source, ResourceRow.current,
-                    ).where(ResourceRow.account_id == 1, ResourceRow.resource_type == rtype,
-                            ResourceRow.current.is_(True), ResourceRow.resource_id > after)
-                     .order_by(ResourceRow.resource_id).limit(1000)).all()
+                    rows = session.execute(
+                        select(
+                            ResourceRow.resource_type,
+                            ResourceRow.resource_id,
+                            ResourceRow.version_id,
+                            ResourceRow.last_updated,
+                            ResourceRow.content,
+                            ResourceRow.source,
+                            ResourceRow.current,
+                        )
+                        .where(
+                            ResourceRow.account_id == 1,
+                            ResourceRow.resource_type == rtype,
+                            ResourceRow.current.is_(True),
+                            ResourceRow.resource_id > after,
+                        )
+                        .order_by(ResourceRow.resource_id)
+                        .limit(1000)
+                    ).all()
                 if not rows:
                     break
                 for row in rows:
@@ -98,23 +120,38 @@ def phase(name: str, url: str, token: str, tmp: str) -> dict[str, float]:
     else:
         from shlhost import create_app
 
-        app = create_app({"ENV": "testing", "DATABASE_URL": url, "BLOB_PATH": f"{tmp}/blobs",
-                          "RATELIMIT_ENABLED": False})
+        app = create_app(
+            {
+                "ENV": "testing",
+                "DATABASE_URL": url,
+                "BLOB_PATH": f"{tmp}/blobs",
+                "RATELIMIT_ENABLED": False,
+            }
+        )
         client = app.test_client()
         started = time.perf_counter()
-        response = client.get("/fhir/Bundle/$phr-export?outputFormat=ndjson", buffered=False,
-                              headers={"Authorization": f"Bearer {token}"})
+        response = client.get(
+            "/fhir/Bundle/$phr-export?outputFormat=ndjson",
+            buffered=False,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert response.status_code == 200, response.status_code
         for chunk in response.response:
             count += chunk.count(b"\n")
         response.close()
     seconds = time.perf_counter() - started
-    return {"resources": count, "seconds": seconds, "per_second": count / seconds,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "resources": count,
+        "seconds": seconds,
+        "per_second": count / seconds,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -136,31 +173,70 @@ def main() -> None:
             # Every step in its own process: Linux carries ru_maxrss across fork and exec, so
             # a phase started from a parent that built the store would inherit its peak.
             env = {**os.environ, "SHLHOST_INSTANCE_PATH": tmp}
-            built = subprocess.run([sys.executable, __file__, "--phase", "build", "--url", url, "--token", str(size),
-                                    "--tmp", tmp], capture_output=True, text=True, check=True, env=env)
+            built = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--phase",
+                    "build",
+                    "--url",
+                    url,
+                    "--token",
+                    str(size),
+                    "--tmp",
+                    tmp,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             token = json.loads(built.stdout.strip().splitlines()[-1])["token"]
             results[size] = {}
             for name in ("floor", "export"):
-                out = subprocess.run([sys.executable, __file__, "--phase", name, "--url", url, "--token", token,
-                                      "--tmp", tmp], capture_output=True, text=True, check=True, env=env)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--phase",
+                        name,
+                        "--url",
+                        url,
+                        "--token",
+                        token,
+                        "--tmp",
+                        tmp,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=env,
+                )
                 results[size][name] = json.loads(out.stdout.strip().splitlines()[-1])
     if args.json:
         print(json.dumps(results))
         return
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     print(f"bench/export.py  commit {commit}  {os.cpu_count()} CPUs  database SQLite  NDJSON")
-    print(f"{'resources':>10} {'phase':7} {'resources/s':>12} {'seconds':>8} {'vs floor':>9} {'peak MB':>8}")
+    print(
+        f"{'resources':>10} {'phase':7} {'resources/s':>12} {'seconds':>8} {'vs floor':>9} {'peak MB':>8}"
+    )
     for size, phases in results.items():
         floor = phases["floor"]["per_second"]
         for name, r in phases.items():
-            print(f"{size:10,} {name:7} {r['per_second']:12,.0f} {r['seconds']:8.2f} {r['per_second'] / floor:9.2f} "
-                  f"{r['peak_mb']:8.0f}")
+            print(
+                f"{size:10,} {name:7} {r['per_second']:12,.0f} {r['seconds']:8.2f} {r['per_second'] / floor:9.2f} "
+                f"{r['peak_mb']:8.0f}"
+            )
     sizes = sorted(results)
     growth = results[sizes[-1]]["export"]["peak_mb"] - results[sizes[0]]["export"]["peak_mb"]
     rate = results[sizes[-1]]["export"]["per_second"]
-    print(f"export peak memory grows {growth:.0f} MB from {sizes[0]:,} to {sizes[-1]:,} resources; "
-          f"target >= 30,000 resources/s: {'PASS' if rate >= 30_000 else 'FAIL'} ({rate:,.0f})")
+    print(
+        f"export peak memory grows {growth:.0f} MB from {sizes[0]:,} to {sizes[-1]:,} resources; "
+        f"target >= 30,000 resources/s: {'PASS' if rate >= 30_000 else 'FAIL'} ({rate:,.0f})"
+    )
 
 
 if __name__ == "__main__":

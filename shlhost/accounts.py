@@ -18,7 +18,7 @@ from shlhost.storage.models import Account, ApiToken
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{2,63}")
 PASSWORD_MIN = 8
 # API tokens carry a prefix so that leaked tokens are easy to recognise and scan for.
-TOKEN_PREFIX = "shl_"
+TOKEN_PREFIX = "shl_"  # noqa: S105 - a public prefix, not a secret
 
 
 def normalise_email(email: str) -> str:
@@ -28,10 +28,14 @@ def normalise_email(email: str) -> str:
     return email
 
 
-def create_account(session: Session, ph: PasswordHasher, email: str, password: str, *, now: datetime) -> Account:
+def create_account(
+    session: Session, ph: PasswordHasher, email: str, password: str, *, now: datetime
+) -> Account:
     email = normalise_email(email)
     if len(password or "") < PASSWORD_MIN:
-        raise BadRequest(f"a password needs at least {PASSWORD_MIN} characters", code="weak_password")
+        raise BadRequest(
+            f"a password needs at least {PASSWORD_MIN} characters", code="weak_password"
+        )
     account = Account(email=email, password_hash=hash_secret(ph, password), created_at=now)
     session.add(account)
     try:
@@ -46,11 +50,15 @@ def find_account(session: Session, email: str) -> Account | None:
     return session.scalars(select(Account).where(Account.email == email.strip().lower())).first()
 
 
-def check_password(session: Session, ph: PasswordHasher, email: str, password: str) -> Account | None:
+def check_password(
+    session: Session, ph: PasswordHasher, email: str, password: str
+) -> Account | None:
     account = find_account(session, email)
     if account is None:
         # Spend the same time as a real check, so timing does not reveal which emails exist.
-        verify_secret(ph, _DUMMY_HASHES.setdefault(id(ph), hash_secret(ph, "not-a-password")), password)
+        verify_secret(
+            ph, _DUMMY_HASHES.setdefault(id(ph), hash_secret(ph, "not-a-password")), password
+        )
         return None
     return account if verify_secret(ph, account.password_hash, password) else None
 
@@ -58,9 +66,13 @@ def check_password(session: Session, ph: PasswordHasher, email: str, password: s
 _DUMMY_HASHES: dict[int, str] = {}
 
 
-def create_token(session: Session, account: Account, *, label: str | None = None, now: datetime) -> str:
+def create_token(
+    session: Session, account: Account, *, label: str | None = None, now: datetime
+) -> str:
     token = TOKEN_PREFIX + new_token(32)
-    session.add(ApiToken(account_id=account.id, token_hash=token_hash(token), label=label, created_at=now))
+    session.add(
+        ApiToken(account_id=account.id, token_hash=token_hash(token), label=label, created_at=now)
+    )
     session.commit()
     return token
 
@@ -73,6 +85,8 @@ def account_for_token(session: Session, token: str | None) -> int | None:
     if not token or not token.startswith(TOKEN_PREFIX):
         return None
     row = session.execute(
-        select(ApiToken.account_id).where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None))
+        select(ApiToken.account_id).where(
+            ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None)
+        )
     ).first()
     return row.account_id if row else None

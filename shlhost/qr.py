@@ -19,6 +19,14 @@ def png(data: str, *, scale: int = 8, border: int = 4) -> bytes:
 
 def svg(data: str, *, scale: int = 8, border: int = 4, title: str | None = None) -> bytes:
     buf = io.BytesIO()
-    make(data).save(buf, kind="svg", scale=scale, border=border, xmldecl=False, title=title,
-                    svgclass="shl-qr", nl=False)
+    make(data).save(
+        buf,
+        kind="svg",
+        scale=scale,
+        border=border,
+        xmldecl=False,
+        title=title,
+        svgclass="shl-qr",
+        nl=False,
+    )
     return buf.getvalue()

@@ -94,10 +94,14 @@ def parse(token: str, *, expected_cty: str | None = None) -> ParsedJwe:
         if not ct_b64:
             raise ValueError
         # Validate the alphabet without materialising a second copy of a large payload.
-        if len(ct_b64) % 4 == 1 or ct_b64.strip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"):
+        if len(ct_b64) % 4 == 1 or ct_b64.strip(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        ):
             raise ValueError
     except ValueError:
-        raise BadRequest("the JWE iv, ciphertext or tag is not base64url", code="invalid_jwe") from None
+        raise BadRequest(
+            "the JWE iv, ciphertext or tag is not base64url", code="invalid_jwe"
+        ) from None
     if len(iv) != IV_BYTES:
         raise BadRequest("an A256GCM JWE needs a 96-bit iv", code="invalid_jwe")
     if len(tag) != TAG_BYTES:
@@ -105,14 +109,18 @@ def parse(token: str, *, expected_cty: str | None = None) -> ParsedJwe:
     return ParsedJwe(header, protected, iv, ct_b64, tag)
 
 
-def decrypt(token: str, key: bytes, *, max_inflated: int = 512 * 1024 * 1024) -> tuple[dict[str, Any], bytes]:
+def decrypt(
+    token: str, key: bytes, *, max_inflated: int = 512 * 1024 * 1024
+) -> tuple[dict[str, Any], bytes]:
     """Decrypt a compact JWE; return (header, plaintext). Inflates ``zip: DEF`` with a cap."""
     parsed = parse(token)
     if len(key) != KEY_BYTES:
         raise DecryptionError("the key must be 32 bytes")
     try:
         ct = b64url_decode(parsed.ciphertext)
-        plaintext = AESGCM(key).decrypt(parsed.iv, ct + parsed.tag, parsed.protected.encode("ascii"))
+        plaintext = AESGCM(key).decrypt(
+            parsed.iv, ct + parsed.tag, parsed.protected.encode("ascii")
+        )
     except (InvalidTag, ValueError):
         raise DecryptionError("the file does not decrypt with this key") from None
     if parsed.header.get("zip") == "DEF":
@@ -130,5 +138,7 @@ def inflate(data: bytes, limit: int) -> bytes:
     if len(out) > limit or unpacker.unconsumed_tail:
         raise DecryptionError("the inflated content is larger than allowed")
     if not unpacker.eof or unpacker.unused_data:
-        raise DecryptionError("the JWE says zip DEF but the DEFLATE stream is truncated or has trailing data")
+        raise DecryptionError(
+            "the JWE says zip DEF but the DEFLATE stream is truncated or has trailing data"
+        )
     return out

@@ -10,7 +10,9 @@ PHR_EXPORT_URL = "http://hl7.org/fhir/uv/phr/OperationDefinition/phr-export"
 PHR_IMPORT_URL = "http://hl7.org/fhir/uv/phr/OperationDefinition/phr-import"
 
 
-def _param(name: str, use: str, type_: str, doc: str, *, min_: int = 0, max_: str = "1") -> dict[str, Any]:
+def _param(
+    name: str, use: str, type_: str, doc: str, *, min_: int = 0, max_: str = "1"
+) -> dict[str, Any]:
     return {"name": name, "use": use, "min": min_, "max": max_, "type": type_, "documentation": doc}
 
 
@@ -33,7 +35,9 @@ def operation_definitions(base: str) -> dict[str, dict[str, Any]]:
         "parameter": [
             _param("outputFormat", "in", "code", "bundle (default) | ndjson | phr | sphr"),
             _param("start", "in", "string", "a year, year-month or date; resources on or after it"),
-            _param("end", "in", "string", "a year, year-month or date; inclusive of its whole period"),
+            _param(
+                "end", "in", "string", "a year, year-month or date; inclusive of its whole period"
+            ),
             _param("patient", "in", "string", "Patient/<id>, for stores with many patients"),
             _param("_type", "in", "string", "comma-separated resource types"),
             _param("_since", "in", "instant", "only resources changed since this instant"),
@@ -62,9 +66,18 @@ def operation_definitions(base: str) -> dict[str, dict[str, Any]]:
         ),
         "parameter": [
             _param("strategy", "in", "code", "merge (default) | replace"),
-            _param("mode", "in", "code", "commit (default) | validate: check everything, write nothing"),
-            _param("strict", "in", "boolean", "validate against R4 structure definitions; any error refuses the whole file"),
-            _param("source", "in", "uri", "where the data comes from (meta.source of what is written)"),
+            _param(
+                "mode", "in", "code", "commit (default) | validate: check everything, write nothing"
+            ),
+            _param(
+                "strict",
+                "in",
+                "boolean",
+                "validate against R4 structure definitions; any error refuses the whole file",
+            ),
+            _param(
+                "source", "in", "uri", "where the data comes from (meta.source of what is written)"
+            ),
             _param("return", "out", "OperationOutcome", "counts and one issue per problem", min_=1),
         ],
     }
@@ -76,7 +89,10 @@ OPERATIONS = {"phr-export": PHR_EXPORT_URL, "import": PHR_IMPORT_URL}
 
 
 def capability_statement(base: str, version: str, now: str) -> dict[str, Any]:
-    interactions = [{"code": c} for c in ("read", "vread", "update", "history-instance", "history-type", "search-type")]
+    interactions = [
+        {"code": c}
+        for c in ("read", "vread", "update", "history-instance", "history-type", "search-type")
+    ]
     resources = [
         {
             "type": rtype,
@@ -84,7 +100,10 @@ def capability_statement(base: str, version: str, now: str) -> dict[str, Any]:
             "readHistory": True,
             "updateCreate": True,
             "interaction": interactions,
-            "searchParam": [{"name": "patient", "type": "reference"}, {"name": "_count", "type": "number"}],
+            "searchParam": [
+                {"name": "patient", "type": "reference"},
+                {"name": "_count", "type": "number"},
+            ],
         }
         for rtype in sorted(R4_RESOURCE_TYPES)
     ]
@@ -101,10 +120,14 @@ def capability_statement(base: str, version: str, now: str) -> dict[str, Any]:
         "implementation": {"description": "shlhost personal health record store", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{
-            "mode": "server",
-            "security": {"description": "Authorization: Bearer <API token> (shlhost token create EMAIL)"},
-            "resource": resources,
-            "operation": operations,
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "description": "Authorization: Bearer <API token> (shlhost token create EMAIL)"
+                },
+                "resource": resources,
+                "operation": operations,
+            }
+        ],
     }

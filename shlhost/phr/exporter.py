@@ -30,8 +30,16 @@ FORMATS = ("bundle", "ndjson", "phr", "sphr")
 # Provenance that shlhost wrote for its own imports is server metadata, not the record.
 IMPORT_PROVENANCE = re.compile(r"import-\d+")
 _PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
-_EXT = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp",
-        "application/pdf": ".pdf", "application/dicom": ".dcm", "text/plain": ".txt", "application/xml": ".xml"}
+_EXT = {
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+    "application/pdf": ".pdf",
+    "application/dicom": ".dcm",
+    "text/plain": ".txt",
+    "application/xml": ".xml",
+}
 
 # International Patient Summary sections (LOINC) and what fills them.
 SUMMARY_SECTIONS = [
@@ -50,12 +58,18 @@ def date_bounds(start: str | None, end: str | None) -> tuple[str | None, str | N
     if start:
         m = _PARTIAL_DATE.fullmatch(start)
         if not m:
-            raise BadRequest("start must be a year, year-month or date (2010, 2010-06, 2010-06-30)", code="invalid_start")
+            raise BadRequest(
+                "start must be a year, year-month or date (2010, 2010-06, 2010-06-30)",
+                code="invalid_start",
+            )
         low = start
     if end:
         m = _PARTIAL_DATE.fullmatch(end)
         if not m:
-            raise BadRequest("end must be a year, year-month or date (2020, 2020-06, 2020-06-30)", code="invalid_end")
+            raise BadRequest(
+                "end must be a year, year-month or date (2020, 2020-06, 2020-06-30)",
+                code="invalid_end",
+            )
         year, month, day = m.group(1), m.group(2), m.group(3)
         if day:
             try:
@@ -86,14 +100,24 @@ class Selection:
     summary: bool = False
 
     @classmethod
-    def parse(cls, *, patient: str | None = None, types: str | None = None, start: str | None = None,
-              end: str | None = None, since: str | None = None, summary: bool = False) -> Selection:
+    def parse(
+        cls,
+        *,
+        patient: str | None = None,
+        types: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        since: str | None = None,
+        summary: bool = False,
+    ) -> Selection:
         kinds: tuple[str, ...] = ()
         if types:
             kinds = tuple(t.strip() for t in types.split(",") if t.strip())
             unknown = [t for t in kinds if t not in fhir.R4_RESOURCE_TYPES]
             if unknown:
-                raise BadRequest(f"_type names unknown resource types: {', '.join(unknown)}", code="invalid_type")
+                raise BadRequest(
+                    f"_type names unknown resource types: {', '.join(unknown)}", code="invalid_type"
+                )
         when = fhir.parse_instant(since) if since else None
         pid = None
         if patient:
@@ -105,7 +129,9 @@ class Selection:
 
     @property
     def filtered(self) -> bool:
-        return bool(self.patient or self.types or self.start or self.end or self.since or self.summary)
+        return bool(
+            self.patient or self.types or self.start or self.end or self.since or self.summary
+        )
 
     def wants(self, row: Any) -> bool:
         """Does a current row belong to the primary selection?"""
@@ -138,7 +164,9 @@ class Exported:
 
 
 class Exporter:
-    def __init__(self, sessions: sessionmaker[Session], account_id: int, selection: Selection) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], account_id: int, selection: Selection
+    ) -> None:
         self.sessions = sessions
         self.account_id = account_id
         self.selection = selection
@@ -148,8 +176,13 @@ class Exporter:
 
     def _types(self) -> list[str]:
         with self.sessions() as session:
-            return sorted(session.scalars(select(ResourceRow.resource_type).where(
-                ResourceRow.account_id == self.account_id).distinct()))
+            return sorted(
+                session.scalars(
+                    select(ResourceRow.resource_type)
+                    .where(ResourceRow.account_id == self.account_id)
+                    .distinct()
+                )
+            )
 
     def _rows_of_type(self, rtype: str) -> Iterator[Any]:
         """Current rows of one type, by id, CHUNK at a time, each chunk its own transaction."""
@@ -157,13 +190,27 @@ class Exporter:
         while True:
             with self.sessions() as session:
                 # A range scan of ix_resources_current_type: no sort, however large the record.
-                chunk = session.execute(select(
-                    ResourceRow.resource_type, ResourceRow.resource_id, ResourceRow.version_id,
-                    ResourceRow.last_updated, ResourceRow.content, ResourceRow.source, ResourceRow.current,
-                    ResourceRow.patient_id, ResourceRow.clinical_date,
-                ).where(ResourceRow.account_id == self.account_id, ResourceRow.resource_type == rtype,
-                        ResourceRow.current.is_(True), ResourceRow.resource_id > after)
-                 .order_by(ResourceRow.resource_id).limit(CHUNK)).all()
+                chunk = session.execute(
+                    select(
+                        ResourceRow.resource_type,
+                        ResourceRow.resource_id,
+                        ResourceRow.version_id,
+                        ResourceRow.last_updated,
+                        ResourceRow.content,
+                        ResourceRow.source,
+                        ResourceRow.current,
+                        ResourceRow.patient_id,
+                        ResourceRow.clinical_date,
+                    )
+                    .where(
+                        ResourceRow.account_id == self.account_id,
+                        ResourceRow.resource_type == rtype,
+                        ResourceRow.current.is_(True),
+                        ResourceRow.resource_id > after,
+                    )
+                    .order_by(ResourceRow.resource_id)
+                    .limit(CHUNK)
+                ).all()
             if not chunk:
                 return
             yield from chunk
@@ -178,12 +225,27 @@ class Exporter:
         for rtype, ids in sorted(by_type.items()):
             for start in range(0, len(ids), CHUNK):
                 with self.sessions() as session:
-                    yield from (r for r in session.execute(select(
-                        ResourceRow.resource_type, ResourceRow.resource_id, ResourceRow.version_id,
-                        ResourceRow.last_updated, ResourceRow.content, ResourceRow.source, ResourceRow.current,
-                        ResourceRow.patient_id, ResourceRow.clinical_date,
-                    ).where(ResourceRow.account_id == self.account_id, ResourceRow.resource_type == rtype,
-                            ResourceRow.resource_id.in_(ids[start:start + CHUNK]))).all() if r.current)
+                    yield from (
+                        r
+                        for r in session.execute(
+                            select(
+                                ResourceRow.resource_type,
+                                ResourceRow.resource_id,
+                                ResourceRow.version_id,
+                                ResourceRow.last_updated,
+                                ResourceRow.content,
+                                ResourceRow.source,
+                                ResourceRow.current,
+                                ResourceRow.patient_id,
+                                ResourceRow.clinical_date,
+                            ).where(
+                                ResourceRow.account_id == self.account_id,
+                                ResourceRow.resource_type == rtype,
+                                ResourceRow.resource_id.in_(ids[start : start + CHUNK]),
+                            )
+                        ).all()
+                        if r.current
+                    )
 
     def rows(self) -> Iterator[Any]:
         """The selection, then (transitively) what it references, each row once.
@@ -196,12 +258,18 @@ class Exporter:
         types = self._types()
         order = (["Patient"] if "Patient" in types else []) + [t for t in types if t != "Patient"]
         for rtype in order:
-            primary_type = not sel.filtered or rtype == "Patient" or not (sel.summary or sel.types) \
+            primary_type = (
+                not sel.filtered
+                or rtype == "Patient"
+                or not (sel.summary or sel.types)
                 or rtype in (SUMMARY_TYPES if sel.summary else sel.types)
+            )
             if not primary_type:
                 continue
             for row in self._rows_of_type(rtype):
-                is_patient = rtype == "Patient" and (sel.patient is None or row.resource_id == sel.patient)
+                is_patient = rtype == "Patient" and (
+                    sel.patient is None or row.resource_id == sel.patient
+                )
                 if not (sel.wants(row) or (is_patient and not sel.since)):
                     continue
                 if sel.filtered:  # the whole record needs no closure: keep no per-row state
@@ -237,7 +305,8 @@ class Exporter:
                 resource = render(row)
             except Exception as exc:  # noqa: BLE001 - reported in the stream, and the stream goes on
                 self.stats.errors += 1
-                yield outcome_line(f"{row.resource_type}/{row.resource_id} could not be exported ({type(exc).__name__})")
+                name = f"{row.resource_type}/{row.resource_id}"
+                yield outcome_line(f"{name} could not be exported ({type(exc).__name__})")
                 continue
             self.stats.resources += 1
             yield resource
@@ -263,13 +332,21 @@ class Exporter:
             sections = []
             for title, code, types in SUMMARY_SECTIONS:
                 entries = [{"reference": f"{t}/{i}"} for t, i, _p in keys if t in types]
-                section: dict[str, Any] = {"title": title, "code": {"coding": [
-                    {"system": "http://loinc.org", "code": code}]}}
+                section: dict[str, Any] = {
+                    "title": title,
+                    "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                }
                 if entries:
                     section["entry"] = entries
                 else:
-                    section["emptyReason"] = {"coding": [{
-                        "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "unavailable"}]}
+                    section["emptyReason"] = {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason",
+                                "code": "unavailable",
+                            }
+                        ]
+                    }
                 sections.append(section)
             title, code = "International Patient Summary", "60591-5"
         else:
@@ -284,7 +361,15 @@ class Exporter:
             "id": f"export-{uuid.uuid4()}",
             "meta": {"tag": [fhir.EXPORT_COVER_TAG]},
             "status": "final",
-            "type": {"coding": [{"system": "http://loinc.org", "code": code, "display": "Patient summary Document"}]},
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://loinc.org",
+                        "code": code,
+                        "display": "Patient summary Document",
+                    }
+                ]
+            },
             "date": now,
             "author": [{"display": "shlhost $phr-export"}],
             "title": title,
@@ -299,11 +384,19 @@ class Exporter:
         comp = self.composition(self._keys())
         base = "urn:uuid:"
         now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        yield (b'{"resourceType":"Bundle","type":"document","identifier":{"system":"urn:ietf:rfc:3986","value":"'
-               + f"urn:uuid:{uuid.uuid4()}".encode() + b'"},"timestamp":"' + now.encode() + b'","entry":[')
+        yield (
+            b'{"resourceType":"Bundle","type":"document","identifier":{"system":"urn:ietf:rfc:3986","value":"'
+            + f"urn:uuid:{uuid.uuid4()}".encode()
+            + b'"},"timestamp":"'
+            + now.encode()
+            + b'","entry":['
+        )
         yield orjson.dumps({"fullUrl": f"{base}{uuid.uuid4()}", "resource": comp})
         for resource in self.resources():
-            entry = {"fullUrl": f"{resource['resourceType']}/{resource['id']}", "resource": resource}
+            entry = {
+                "fullUrl": f"{resource['resourceType']}/{resource['id']}",
+                "resource": resource,
+            }
             yield b"," + orjson.dumps(entry)
         yield b"]}"
 
@@ -311,11 +404,17 @@ class Exporter:
         """Write a .sphr: an AES-256 ZIP (WinZip AE-2, DEFLATE) with ``<name>.phr`` and the
         record's attachments under ``attachments/`` (see docs/formats.md)."""
         if not password:
-            raise BadRequest("a .sphr needs a password (X-SPHR-Password)", code="sphr_password_required")
+            raise BadRequest(
+                "a .sphr needs a password (X-SPHR-Password)", code="sphr_password_required"
+            )
         import tempfile
 
-        with pyzipper.AESZipFile(out, "w", compression=pyzipper.ZIP_DEFLATED,
-                                 encryption=pyzipper.WZ_AES) as archive, tempfile.NamedTemporaryFile() as phr:
+        with (
+            pyzipper.AESZipFile(
+                out, "w", compression=pyzipper.ZIP_DEFLATED, encryption=pyzipper.WZ_AES
+            ) as archive,
+            tempfile.NamedTemporaryFile() as phr,
+        ):
             archive.setpassword(password.encode())
             archive.setencryption(pyzipper.WZ_AES, nbits=256)
             phr.write(orjson.dumps(self.composition(self._keys())) + b"\n")
@@ -323,8 +422,11 @@ class Exporter:
             # Binary sorts before the types that point at it (DocumentReference, Media, ...),
             # so each attachment is in the archive before anything links to it.
             for resource in self.resources():
-                if resource.get("resourceType") == "Binary" and isinstance(resource.get("data"), str):
-                    path = f"attachments/{resource['id']}{_EXT.get(resource.get('contentType', ''), '.bin')}"
+                if resource.get("resourceType") == "Binary" and isinstance(
+                    resource.get("data"), str
+                ):
+                    ext = _EXT.get(resource.get("contentType", ""), ".bin")
+                    path = f"attachments/{resource['id']}{ext}"
                     archive.writestr(path, base64.b64decode(resource["data"]))
                     attachments[f"Binary/{resource['id']}"] = path
                     continue
@@ -345,8 +447,10 @@ def relink(resource: dict[str, Any], attachments: dict[str, str]) -> bytes:
 
 
 def outcome_line(message: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "processing", "diagnostics": message}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "processing", "diagnostics": message}],
+    }
 
 
 def safe_filename(text: str) -> str:

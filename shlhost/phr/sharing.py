@@ -30,36 +30,59 @@ def normalise_query(raw: Any) -> dict[str, Any]:
     if raw == "summary":
         raw = {"summary": True}
     if not isinstance(raw, dict):
-        raise BadRequest('record must be "all", "summary" or an object with summary, patient, start, end, types',
-                         code="invalid_record_query")
+        raise BadRequest(
+            'record must be "all", "summary" or an object with summary, patient, start, end, types',
+            code="invalid_record_query",
+        )
     unknown = set(raw) - set(QUERY_KEYS)
     if unknown:
-        raise BadRequest(f"record does not take {', '.join(sorted(unknown))}", code="invalid_record_query")
+        raise BadRequest(
+            f"record does not take {', '.join(sorted(unknown))}", code="invalid_record_query"
+        )
     types = raw.get("types")
     if isinstance(types, list):
         types = ",".join(str(t) for t in types)
-    query = {"summary": bool(raw.get("summary")), "patient": raw.get("patient"), "start": raw.get("start"),
-             "end": raw.get("end"), "types": types}
+    query = {
+        "summary": bool(raw.get("summary")),
+        "patient": raw.get("patient"),
+        "start": raw.get("start"),
+        "end": raw.get("end"),
+        "types": types,
+    }
     selection(query)  # validates
     return query
 
 
 def selection(query: dict[str, Any]) -> Selection:
-    return Selection.parse(patient=query.get("patient"), types=query.get("types"), start=query.get("start"),
-                           end=query.get("end"), summary=bool(query.get("summary")))
+    return Selection.parse(
+        patient=query.get("patient"),
+        types=query.get("types"),
+        start=query.get("start"),
+        end=query.get("end"),
+        summary=bool(query.get("summary")),
+    )
 
 
-def record_file(sessions: sessionmaker[Session], account_id: int, query: dict[str, Any]) -> PreparedFile:
+def record_file(
+    sessions: sessionmaker[Session], account_id: int, query: dict[str, Any]
+) -> PreparedFile:
     """The link's file: a document Bundle exported from the record."""
     body = b"".join(Exporter(sessions, account_id, selection(query)).bundle())
     return PreparedFile(FHIR_JSON, body)
 
 
-def refresh_links(service: LinkService, sessions: sessionmaker[Session], account_id: int, *, now: datetime) -> int:
+def refresh_links(
+    service: LinkService, sessions: sessionmaker[Session], account_id: int, *, now: datetime
+) -> int:
     """Regenerate the file of every live L link made from this account's record."""
-    wanted = service.session.execute(select(Link.id, Link.record_query).where(
-        Link.account_id == account_id, Link.record_query.is_not(None), Link.long_term.is_(True),
-        Link.revoked_at.is_(None))).all()
+    wanted = service.session.execute(
+        select(Link.id, Link.record_query).where(
+            Link.account_id == account_id,
+            Link.record_query.is_not(None),
+            Link.long_term.is_(True),
+            Link.revoked_at.is_(None),
+        )
+    ).all()
     # The exports below read in their own transactions: hold no lock while they run.
     service.session.rollback()
     refreshed = 0

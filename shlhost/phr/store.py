@@ -59,7 +59,9 @@ class NewVersion:
         clean = fhir.strip_server_meta(resource)
         return cls(clean["resourceType"], clean["id"], clean, fhir.content_hash(clean), source)
 
-    def row(self, account_id: int, version_id: int, now: datetime, import_id: int | None) -> dict[str, Any]:
+    def row(
+        self, account_id: int, version_id: int, now: datetime, import_id: int | None
+    ) -> dict[str, Any]:
         return {
             "account_id": account_id,
             "resource_type": self.resource_type,
@@ -77,14 +79,25 @@ class NewVersion:
 
     def identifier_rows(self, account_id: int) -> list[dict[str, Any]]:
         return [
-            {"account_id": account_id, "resource_type": self.resource_type, "resource_id": self.resource_id,
-             "system": system, "value": value}
+            {
+                "account_id": account_id,
+                "resource_type": self.resource_type,
+                "resource_id": self.resource_id,
+                "system": system,
+                "value": value,
+            }
             for system, value in dict.fromkeys(fhir.identifiers(self.resource))
         ]
 
 
-def write_versions(session: Session, account_id: int, items: Sequence[tuple[NewVersion, int]], *,
-                   now: datetime, import_id: int | None) -> None:
+def write_versions(
+    session: Session,
+    account_id: int,
+    items: Sequence[tuple[NewVersion, int]],
+    *,
+    now: datetime,
+    import_id: int | None,
+) -> None:
     """Write each (version, previous version number or 0) as the new current version.
 
     Callers decide; this only writes: the previous version stops being current, the new
@@ -99,17 +112,27 @@ def write_versions(session: Session, account_id: int, items: Sequence[tuple[NewV
         rows, idents = ResourceRow.__table__, ResourceIdentifier.__table__
         session.execute(
             update(rows)
-            .where(rows.c.account_id == account_id, rows.c.resource_type == bindparam("t"),
-                   rows.c.resource_id == bindparam("i"), rows.c.version_id == bindparam("v"))
+            .where(
+                rows.c.account_id == account_id,
+                rows.c.resource_type == bindparam("t"),
+                rows.c.resource_id == bindparam("i"),
+                rows.c.version_id == bindparam("v"),
+            )
             .values(current=False),
             [{"t": v.resource_type, "i": v.resource_id, "v": prev} for v, prev in replaced],
         )
         session.execute(
-            delete(idents).where(idents.c.account_id == account_id, idents.c.resource_type == bindparam("t"),
-                                 idents.c.resource_id == bindparam("i")),
+            delete(idents).where(
+                idents.c.account_id == account_id,
+                idents.c.resource_type == bindparam("t"),
+                idents.c.resource_id == bindparam("i"),
+            ),
             [{"t": v.resource_type, "i": v.resource_id} for v, _prev in replaced],
         )
-    session.execute(insert(ResourceRow.__table__), [v.row(account_id, prev + 1, now, import_id) for v, prev in items])
+    session.execute(
+        insert(ResourceRow.__table__),
+        [v.row(account_id, prev + 1, now, import_id) for v, prev in items],
+    )
     identifier_rows = [r for v, _prev in items for r in v.identifier_rows(account_id)]
     if identifier_rows:
         session.execute(insert(ResourceIdentifier.__table__), identifier_rows)
@@ -128,7 +151,9 @@ class RecordStore:
         )
 
     def current(self, rtype: str, rid: str) -> ResourceRow | None:
-        return self.session.scalars(self._versions(rtype, rid).where(ResourceRow.current.is_(True))).first()
+        return self.session.scalars(
+            self._versions(rtype, rid).where(ResourceRow.current.is_(True))
+        ).first()
 
     def read(self, rtype: str, rid: str) -> ResourceRow:
         row = self.current(rtype, rid)
@@ -139,37 +164,60 @@ class RecordStore:
     def vread(self, rtype: str, rid: str, vid: str) -> ResourceRow:
         if not vid.isdigit():
             raise NotFound(f"{rtype}/{rid} has no version {vid}")
-        row = self.session.scalars(self._versions(rtype, rid).where(ResourceRow.version_id == int(vid))).first()
+        row = self.session.scalars(
+            self._versions(rtype, rid).where(ResourceRow.version_id == int(vid))
+        ).first()
         if row is None:
             raise NotFound(f"{rtype}/{rid} has no version {vid}")
         return row
 
     def history(self, rtype: str, rid: str) -> list[ResourceRow]:
-        rows = list(self.session.scalars(self._versions(rtype, rid).order_by(ResourceRow.version_id.desc())))
+        rows = list(
+            self.session.scalars(self._versions(rtype, rid).order_by(ResourceRow.version_id.desc()))
+        )
         if not rows:
             raise NotFound(f"{rtype}/{rid} is not in this record")
         return rows
 
-    def history_type(self, rtype: str, *, since: datetime | None = None, count: int = 100) -> list[ResourceRow]:
-        query = select(ResourceRow).where(ResourceRow.account_id == self.account_id,
-                                          ResourceRow.resource_type == rtype)
+    def history_type(
+        self, rtype: str, *, since: datetime | None = None, count: int = 100
+    ) -> list[ResourceRow]:
+        query = select(ResourceRow).where(
+            ResourceRow.account_id == self.account_id, ResourceRow.resource_type == rtype
+        )
         if since is not None:
             query = query.where(ResourceRow.last_updated > since)
-        query = query.order_by(ResourceRow.last_updated.desc(), ResourceRow.resource_id, ResourceRow.version_id.desc())
+        query = query.order_by(
+            ResourceRow.last_updated.desc(), ResourceRow.resource_id, ResourceRow.version_id.desc()
+        )
         return list(self.session.scalars(query.limit(min(count, SEARCH_MAX))))
 
-    def search(self, rtype: str, *, patient: str | None = None, count: int = 100, offset: int = 0) -> tuple[list[ResourceRow], int]:
-        query = select(ResourceRow).where(ResourceRow.account_id == self.account_id,
-                                          ResourceRow.current.is_(True), ResourceRow.resource_type == rtype)
+    def search(
+        self, rtype: str, *, patient: str | None = None, count: int = 100, offset: int = 0
+    ) -> tuple[list[ResourceRow], int]:
+        query = select(ResourceRow).where(
+            ResourceRow.account_id == self.account_id,
+            ResourceRow.current.is_(True),
+            ResourceRow.resource_type == rtype,
+        )
         if patient:
             query = query.where(ResourceRow.patient_id == patient.removeprefix("Patient/"))
         total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = self.session.scalars(query.order_by(ResourceRow.resource_id)
-                                    .limit(min(count, SEARCH_MAX)).offset(offset))
+        rows = self.session.scalars(
+            query.order_by(ResourceRow.resource_id).limit(min(count, SEARCH_MAX)).offset(offset)
+        )
         return list(rows), total
 
-    def update(self, rtype: str, rid: str, resource: Any, *, if_match: str | None, source: str | None,
-               now: datetime) -> tuple[ResourceRow, bool]:
+    def update(
+        self,
+        rtype: str,
+        rid: str,
+        resource: Any,
+        *,
+        if_match: str | None,
+        source: str | None,
+        now: datetime,
+    ) -> tuple[ResourceRow, bool]:
         """FHIR update (PUT). Identical content makes no new version. Returns (row, changed)."""
         if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
             raise BadRequest(f"the body must be a {rtype} resource", code="invalid_resource")
@@ -188,11 +236,22 @@ class RecordStore:
                     f"If-Match {if_match} does not match the current version "
                     f"{'(none)' if current is None else etag(current)}"
                 )
-        new = NewVersion.of({**resource, "id": rid}, source or (resource.get("meta") or {}).get("source"))
-        if current is not None and current.content_hash == new.content_hash and current.source == new.source:
+        new = NewVersion.of(
+            {**resource, "id": rid}, source or (resource.get("meta") or {}).get("source")
+        )
+        if (
+            current is not None
+            and current.content_hash == new.content_hash
+            and current.source == new.source
+        ):
             return current, False
-        write_versions(self.session, self.account_id, [(new, current.version_id if current else 0)],
-                       now=now, import_id=None)
+        write_versions(
+            self.session,
+            self.account_id,
+            [(new, current.version_id if current else 0)],
+            now=now,
+            import_id=None,
+        )
         self.session.commit()
         return self.read(rtype, rid), True
 
@@ -203,7 +262,9 @@ class RecordStore:
         if current.version_id == old.version_id:
             return current
         new = NewVersion.of(orjson.loads(old.content), old.source)
-        write_versions(self.session, self.account_id, [(new, current.version_id)], now=now, import_id=None)
+        write_versions(
+            self.session, self.account_id, [(new, current.version_id)], now=now, import_id=None
+        )
         self.session.commit()
         return self.read(rtype, rid)
 
@@ -234,16 +295,26 @@ class RecordStore:
         elif choice == "take-incoming":
             current = self.read(found.resource_type, found.resource_id)
             new = NewVersion.of({**incoming, "id": found.resource_id}, found.incoming_source)
-            write_versions(self.session, self.account_id, [(new, current.version_id)], now=now,
-                           import_id=found.import_id)
+            write_versions(
+                self.session,
+                self.account_id,
+                [(new, current.version_id)],
+                now=now,
+                import_id=found.import_id,
+            )
             result["reference"] = f"{found.resource_type}/{found.resource_id}"
         elif choice == "keep-both":
             alt_id = f"{found.resource_id[:48]}-alt{found.id}"
             new = NewVersion.of({**incoming, "id": alt_id}, found.incoming_source)
-            write_versions(self.session, self.account_id, [(new, 0)], now=now, import_id=found.import_id)
+            write_versions(
+                self.session, self.account_id, [(new, 0)], now=now, import_id=found.import_id
+            )
             result["reference"] = f"{found.resource_type}/{alt_id}"
         else:
-            raise BadRequest("resolution must be keep-stored, take-incoming or keep-both", code="invalid_resolution")
+            raise BadRequest(
+                "resolution must be keep-stored, take-incoming or keep-both",
+                code="invalid_resolution",
+            )
         found.resolved_at = now
         found.resolution = choice
         self.session.commit()
@@ -251,15 +322,27 @@ class RecordStore:
 
     def only_patient(self) -> str | None:
         """The id of the record's Patient, when it has exactly one."""
-        ids = self.session.scalars(select(ResourceRow.resource_id).where(
-            ResourceRow.account_id == self.account_id, ResourceRow.resource_type == "Patient",
-            ResourceRow.current.is_(True)).limit(2)).all()
+        ids = self.session.scalars(
+            select(ResourceRow.resource_id)
+            .where(
+                ResourceRow.account_id == self.account_id,
+                ResourceRow.resource_type == "Patient",
+                ResourceRow.current.is_(True),
+            )
+            .limit(2)
+        ).all()
         return ids[0] if len(ids) == 1 else None
 
     def rows_for(self, keys: Iterable[tuple[str, str]]) -> list[ResourceRow]:
         keys = list(keys)
         if not keys:
             return []
-        return list(self.session.scalars(select(ResourceRow).where(
-            ResourceRow.account_id == self.account_id, ResourceRow.current.is_(True),
-            tuple_(ResourceRow.resource_type, ResourceRow.resource_id).in_(keys))))
+        return list(
+            self.session.scalars(
+                select(ResourceRow).where(
+                    ResourceRow.account_id == self.account_id,
+                    ResourceRow.current.is_(True),
+                    tuple_(ResourceRow.resource_type, ResourceRow.resource_id).in_(keys),
+                )
+            )
+        )

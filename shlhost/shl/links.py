@@ -40,8 +40,11 @@ from shlhost.storage.models import Access, Link, LinkFile, link_status
 
 class KeyUnavailable(Conflict):
     def __init__(self) -> None:
-        super().__init__("this server cannot open the link's key: KEY_ENCRYPTION_KEY differs from the one "
-                         "it was created under", code="key_unavailable")
+        super().__init__(
+            "this server cannot open the link's key: KEY_ENCRYPTION_KEY differs from the one "
+            "it was created under",
+            code="key_unavailable",
+        )
 
 
 RECIPIENT_MAX = 200
@@ -106,7 +109,9 @@ def parse_exp(value: Any, now: datetime) -> datetime | None:
     when: datetime
     if isinstance(value, bool):
         raise BadRequest("exp must be epoch seconds or an ISO 8601 time", code="invalid_exp")
-    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+    if isinstance(value, (int, float)) or (
+        isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    ):
         try:
             when = datetime.fromtimestamp(float(value), UTC)
         except (OverflowError, OSError, ValueError):
@@ -115,7 +120,9 @@ def parse_exp(value: Any, now: datetime) -> datetime | None:
         try:
             when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
-            raise BadRequest("exp must be epoch seconds or an ISO 8601 time", code="invalid_exp") from None
+            raise BadRequest(
+                "exp must be epoch seconds or an ISO 8601 time", code="invalid_exp"
+            ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
     else:
@@ -131,7 +138,9 @@ def check_label(label: Any) -> str | None:
     if not isinstance(label, str):
         raise BadRequest("label must be a string", code="invalid_label")
     if len(label) > shl_payload.LABEL_MAX:
-        raise BadRequest(f"label must be at most {shl_payload.LABEL_MAX} characters", code="invalid_label")
+        raise BadRequest(
+            f"label must be at most {shl_payload.LABEL_MAX} characters", code="invalid_label"
+        )
     return label
 
 
@@ -141,7 +150,9 @@ def check_passcode(passcode: Any) -> str | None:
     if not isinstance(passcode, str):
         raise BadRequest("passcode must be a string", code="invalid_passcode")
     if len(passcode) > PASSCODE_MAX:
-        raise BadRequest(f"passcode must be at most {PASSCODE_MAX} characters", code="invalid_passcode")
+        raise BadRequest(
+            f"passcode must be at most {PASSCODE_MAX} characters", code="invalid_passcode"
+        )
     return passcode
 
 
@@ -173,13 +184,22 @@ class LinkService:
 
     # -- creation ------------------------------------------------------------------------
 
-    def create(self, files: Sequence[NewFile], options: LinkOptions, *, now: datetime,
-               account_id: int | None = None, record_query: str | None = None) -> Created:
+    def create(
+        self,
+        files: Sequence[NewFile],
+        options: LinkOptions,
+        *,
+        now: datetime,
+        account_id: int | None = None,
+        record_query: str | None = None,
+    ) -> Created:
         if not files:
             raise BadRequest("a link needs at least one file", code="no_files")
         flag_letters = options.flags.upper()
         if "P" in flag_letters:
-            raise BadRequest("flag P follows from giving a passcode; do not send it", code="invalid_flags")
+            raise BadRequest(
+                "flag P follows from giving a passcode; do not send it", code="invalid_flags"
+            )
         passcode = check_passcode(options.passcode)
         flag = shl_payload.normalise_flags(flag_letters + ("P" if passcode else ""))
         if "U" in flag and len(files) != 1:
@@ -232,8 +252,16 @@ class LinkService:
             raise
         return Created(link, token, key)
 
-    def _store_file(self, link_id: str, key: bytes | None, new: NewFile, position: int,
-                    now: datetime, written: list[str], file_id: str | None = None) -> LinkFile:
+    def _store_file(
+        self,
+        link_id: str,
+        key: bytes | None,
+        new: NewFile,
+        position: int,
+        now: datetime,
+        written: list[str],
+        file_id: str | None = None,
+    ) -> LinkFile:
         token = self._encrypt(key, new)
         file_id = file_id or new_token(16)
         blob_key = f"links/{link_id}/{file_id}-{new_token(6)}.jwe"
@@ -254,17 +282,21 @@ class LinkService:
     def _encrypt(key: bytes | None, new: NewFile) -> str:
         if new.content_type not in SHL_CONTENT_TYPES:
             raise UnsupportedMediaType(
-                f"contentType must be one of {', '.join(SHL_CONTENT_TYPES)}", code="unknown_content_type"
+                f"contentType must be one of {', '.join(SHL_CONTENT_TYPES)}",
+                code="unknown_content_type",
             )
         if isinstance(new, EncryptedFile):
             if key is not None:
-                raise BadRequest("this link's key is held by the server: send content, not a JWE",
-                                 code="mixed_files")
+                raise BadRequest(
+                    "this link's key is held by the server: send content, not a JWE",
+                    code="mixed_files",
+                )
             jwe.parse(new.jwe, expected_cty=new.content_type)
             return new.jwe.strip()
         if key is None:
-            raise BadRequest("this link's files are encrypted by the client: send a JWE",
-                             code="mixed_files")
+            raise BadRequest(
+                "this link's files are encrypted by the client: send a JWE", code="mixed_files"
+            )
         return jwe.encrypt(new.body, key, new.content_type)
 
     def _delete_blobs(self, keys: Iterable[str]) -> None:
@@ -276,31 +308,60 @@ class LinkService:
     # The hot path: prebuilt Core statements (see the bottom of this module), one
     # transaction for a link without passcode, no ORM objects.
 
-    def _log(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str,
-             file_id: str | None = None) -> None:
-        self.session.connection().execute(_LOG, {
-            "link_id": link_id, "at": now, "recipient": (recipient or None) and recipient[:RECIPIENT_MAX],
-            "action": action, "outcome": outcome, "file_id": file_id})
+    def _log(
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        outcome: str,
+        file_id: str | None = None,
+    ) -> None:
+        self.session.connection().execute(
+            _LOG,
+            {
+                "link_id": link_id,
+                "at": now,
+                "recipient": (recipient or None) and recipient[:RECIPIENT_MAX],
+                "action": action,
+                "outcome": outcome,
+                "file_id": file_id,
+            },
+        )
 
-    def _dead(self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str) -> DeadLink:
+    def _dead(
+        self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str
+    ) -> DeadLink:
         self._log(link_id, now, recipient, action, outcome)
         self.session.commit()
         return DeadLink()
 
     def _spend_use(self, link_id: str, now: datetime) -> bool:
         """Count one use if the link is still live; atomic under concurrency."""
-        return self.session.connection().execute(_SPEND_USE, {"link_id": link_id, "now": now}).first() is not None
+        return (
+            self.session.connection().execute(_SPEND_USE, {"link_id": link_id, "now": now}).first()
+            is not None
+        )
 
     def _spend_attempt(self, link_id: str, now: datetime) -> int | None:
         """Take one attempt from the passcode budget; the attempts left, or None if none were."""
-        row = self.session.connection().execute(_SPEND_ATTEMPT, {"link_id": link_id, "now": now}).first()
+        row = (
+            self.session.connection()
+            .execute(_SPEND_ATTEMPT, {"link_id": link_id, "now": now})
+            .first()
+        )
         return None if row is None else int(row[0])
 
-    def _live_link(self, link_id: str, now: datetime, recipient: str | None, action: str) -> tuple[Any, list[Any]]:
+    def _live_link(
+        self, link_id: str, now: datetime, recipient: str | None, action: str
+    ) -> tuple[Any, list[Any]]:
         """The link's row and its files' rows, if it is live; else the uniform dead link."""
         conn = self.session.connection()
-        link = conn.execute(_LOAD_LINK, {"link_id": link_id}).first() \
-            if isinstance(link_id, str) and len(link_id) == 43 else None
+        link = (
+            conn.execute(_LOAD_LINK, {"link_id": link_id}).first()
+            if isinstance(link_id, str) and len(link_id) == 43
+            else None
+        )
         if link is None:
             self.session.rollback()
             raise DeadLink()
@@ -309,13 +370,17 @@ class LinkService:
             raise self._dead(link_id, now, recipient, action, status)
         return link, conn.execute(_LOAD_FILES, {"link_id": link_id}).all()
 
-    def manifest(self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any,
-                 now: datetime) -> dict[str, Any]:
+    def manifest(
+        self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any, now: datetime
+    ) -> dict[str, Any]:
         if not isinstance(recipient, str) or not recipient.strip():
             raise BadRequest("recipient is required: say who is asking", code="recipient_required")
-        if embedded_max is not None and (isinstance(embedded_max, bool) or not isinstance(embedded_max, int)
-                                         or embedded_max < 0):
-            raise BadRequest("embeddedLengthMax must be a whole number", code="invalid_embedded_length_max")
+        if embedded_max is not None and (
+            isinstance(embedded_max, bool) or not isinstance(embedded_max, int) or embedded_max < 0
+        ):
+            raise BadRequest(
+                "embeddedLengthMax must be a whole number", code="invalid_embedded_length_max"
+            )
         if passcode is not None and not isinstance(passcode, str):
             raise BadRequest("passcode must be a string", code="invalid_passcode")
         link, files = self._live_link(link_id, now, recipient, "manifest")
@@ -328,9 +393,17 @@ class LinkService:
             if not passcode:
                 # No guess was made; the budget is untouched.
                 raise WrongPasscode(int(link.attempts_left or 0))
-            if len(passcode) > PASSCODE_MAX or not verify_secret(self.settings.hasher, link.passcode_hash, passcode):
+            if len(passcode) > PASSCODE_MAX or not verify_secret(
+                self.settings.hasher, link.passcode_hash, passcode
+            ):
                 left = self._spend_attempt(link_id, now)
-                self._log(link_id, now, recipient, "manifest", "wrong_passcode" if left is not None else "locked")
+                self._log(
+                    link_id,
+                    now,
+                    recipient,
+                    "manifest",
+                    "wrong_passcode" if left is not None else "locked",
+                )
                 self.session.commit()
                 if left is None:
                     raise DeadLink()
@@ -341,18 +414,32 @@ class LinkService:
         self.session.commit()
         return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
 
-    def _manifest_body(self, link_id: str, long_term: bool, files: list[Any], embedded_max: int | None,
-                       now: datetime) -> dict[str, Any]:
+    def _manifest_body(
+        self,
+        link_id: str,
+        long_term: bool,
+        files: list[Any],
+        embedded_max: int | None,
+        now: datetime,
+    ) -> dict[str, Any]:
         entries: list[dict[str, Any]] = []
         for f in files:
             if f.blob_key is None:
                 continue
-            entry: dict[str, Any] = {"contentType": f.content_type, "lastUpdated": _iso(f.last_updated)}
+            entry: dict[str, Any] = {
+                "contentType": f.content_type,
+                "lastUpdated": _iso(f.last_updated),
+            }
             if embedded_max is not None and f.jwe_size <= embedded_max:
                 entry["embedded"] = self._read_file(f.id, f.blob_key)
             else:
-                ticket = tickets.issue(self.settings.ticket_secret, link_id, f.id, now.timestamp(),
-                                       self.settings.ticket_lifetime)
+                ticket = tickets.issue(
+                    self.settings.ticket_secret,
+                    link_id,
+                    f.id,
+                    now.timestamp(),
+                    self.settings.ticket_lifetime,
+                )
                 entry["location"] = self.settings.file_url(link_id, f.id, ticket)
             entries.append(entry)
         return {"status": "can-change" if long_term else "finalized", "files": entries}
@@ -366,7 +453,9 @@ class LinkService:
             try:
                 return self.blobs.get(blob_key).decode("ascii")
             except KeyError:
-                blob_key = self.session.connection().execute(_BLOB_KEY, {"file_id": file_id}).scalar()
+                blob_key = (
+                    self.session.connection().execute(_BLOB_KEY, {"file_id": file_id}).scalar()
+                )
                 self.session.rollback()
         raise DeadLink()  # revoked meanwhile
 
@@ -389,10 +478,15 @@ class LinkService:
 
     def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> str:
         """A file named in a manifest's ``location``: good while its ticket is."""
-        if not tickets.check(self.settings.ticket_secret, ticket, link_id, file_id, now.timestamp()):
+        if not tickets.check(
+            self.settings.ticket_secret, ticket, link_id, file_id, now.timestamp()
+        ):
             raise DeadLink()
-        blob_key = self.session.connection().execute(
-            _SERVABLE_FILE, {"link_id": link_id, "file_id": file_id, "now": now}).scalar()
+        blob_key = (
+            self.session.connection()
+            .execute(_SERVABLE_FILE, {"link_id": link_id, "file_id": file_id, "now": now})
+            .scalar()
+        )
         if blob_key is None:
             self.session.rollback()
             raise DeadLink()
@@ -404,7 +498,11 @@ class LinkService:
 
     def owned(self, link_id: str, token: str | None, *, account_id: int | None = None) -> Link:
         """The link if ``token`` is its management token (or it belongs to ``account_id``)."""
-        link = self.session.get(Link, link_id) if isinstance(link_id, str) and len(link_id) <= 64 else None
+        link = (
+            self.session.get(Link, link_id)
+            if isinstance(link_id, str) and len(link_id) <= 64
+            else None
+        )
         stored = link.management_token_hash if link else "0" * 64
         # Compare even when there is no such link, so timing says nothing about existence.
         good = hmac.compare_digest(token_hash(token or ""), stored) and bool(token)
@@ -497,7 +595,8 @@ class LinkService:
                 # Adding or removing P changes the flag that links already handed out carry.
                 raise Conflict(
                     "only a passcode link's passcode can be changed; make a new link to add or "
-                    "remove one", code="passcode_flag",
+                    "remove one",
+                    code="passcode_flag",
                 )
             link.passcode_hash = hash_secret(self.settings.hasher, passcode)
             link.attempts_left = self.settings.passcode_attempts
@@ -522,8 +621,10 @@ class LinkService:
         if link.revoked_at is not None:
             raise Conflict("the link is revoked", code="revoked")
         if not link.long_term:
-            raise Conflict("only L (long-term) links may change their files; this one is finalized",
-                           code="finalized")
+            raise Conflict(
+                "only L (long-term) links may change their files; this one is finalized",
+                code="finalized",
+            )
 
     def add_files(self, link: Link, files: Sequence[NewFile], *, now: datetime) -> list[LinkFile]:
         self._changeable(link)
@@ -565,7 +666,9 @@ class LinkService:
         written: list[str] = []
         self.session.commit()  # end the read transaction before writing blobs (see add_files)
         try:
-            fresh = self._store_file(link.id, self.link_key(link), new, row.position, now, written, file_id)
+            fresh = self._store_file(
+                link.id, self.link_key(link), new, row.position, now, written, file_id
+            )
             row.content_type = fresh.content_type
             row.blob_key = fresh.blob_key
             row.jwe_size = fresh.jwe_size
@@ -592,11 +695,19 @@ class LinkService:
 
     def accesses(self, link: Link, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self.session.scalars(
-            select(Access).where(Access.link_id == link.id).order_by(Access.at.desc(), Access.id.desc()).limit(limit)
+            select(Access)
+            .where(Access.link_id == link.id)
+            .order_by(Access.at.desc(), Access.id.desc())
+            .limit(limit)
         )
         return [
-            {"time": _iso(a.at), "recipient": a.recipient, "action": a.action, "outcome": a.outcome,
-             "file_id": a.file_id}
+            {
+                "time": _iso(a.at),
+                "recipient": a.recipient,
+                "action": a.action,
+                "outcome": a.outcome,
+                "file_id": a.file_id,
+            }
             for a in rows
         ]
 
@@ -611,19 +722,45 @@ class LinkService:
 _LINKS, _FILES, _ACCESS = Link.__table__, LinkFile.__table__, Access.__table__
 _ID, _NOW = bindparam("link_id"), bindparam("now")
 _LOAD_LINK = select(
-    _LINKS.c.id, _LINKS.c.revoked_at, _LINKS.c.active, _LINKS.c.exp, _LINKS.c.attempts_left, _LINKS.c.max_uses,
-    _LINKS.c.uses, _LINKS.c.direct, _LINKS.c.long_term, _LINKS.c.passcode_hash,
+    _LINKS.c.id,
+    _LINKS.c.revoked_at,
+    _LINKS.c.active,
+    _LINKS.c.exp,
+    _LINKS.c.attempts_left,
+    _LINKS.c.max_uses,
+    _LINKS.c.uses,
+    _LINKS.c.direct,
+    _LINKS.c.long_term,
+    _LINKS.c.passcode_hash,
 ).where(_LINKS.c.id == _ID)
-_LOAD_FILES = select(
-    _FILES.c.id, _FILES.c.content_type, _FILES.c.blob_key, _FILES.c.jwe_size, _FILES.c.last_updated,
-).where(_FILES.c.link_id == _ID).order_by(_FILES.c.position)
+_LOAD_FILES = (
+    select(
+        _FILES.c.id,
+        _FILES.c.content_type,
+        _FILES.c.blob_key,
+        _FILES.c.jwe_size,
+        _FILES.c.last_updated,
+    )
+    .where(_FILES.c.link_id == _ID)
+    .order_by(_FILES.c.position)
+)
 # A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
-_SPEND_USE = (update(_LINKS).where(_LINKS.c.id == _ID, Link.live(_NOW))
-              .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at).returning(_LINKS.c.uses))
-_SPEND_ATTEMPT = (update(_LINKS).where(_LINKS.c.id == _ID, Link.live(_NOW), _LINKS.c.attempts_left > 0)
-                  .values(attempts_left=_LINKS.c.attempts_left - 1, updated_at=_LINKS.c.updated_at)
-                  .returning(_LINKS.c.attempts_left))
+_SPEND_USE = (
+    update(_LINKS)
+    .where(_LINKS.c.id == _ID, Link.live(_NOW))
+    .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at)
+    .returning(_LINKS.c.uses)
+)
+_SPEND_ATTEMPT = (
+    update(_LINKS)
+    .where(_LINKS.c.id == _ID, Link.live(_NOW), _LINKS.c.attempts_left > 0)
+    .values(attempts_left=_LINKS.c.attempts_left - 1, updated_at=_LINKS.c.updated_at)
+    .returning(_LINKS.c.attempts_left)
+)
 _LOG = insert(_ACCESS)
 _BLOB_KEY = select(_FILES.c.blob_key).where(_FILES.c.id == bindparam("file_id"))
-_SERVABLE_FILE = (select(_FILES.c.blob_key).select_from(_FILES.join(_LINKS))
-                  .where(_FILES.c.id == bindparam("file_id"), _FILES.c.link_id == _ID, Link.servable(_NOW)))
+_SERVABLE_FILE = (
+    select(_FILES.c.blob_key)
+    .select_from(_FILES.join(_LINKS))
+    .where(_FILES.c.id == bindparam("file_id"), _FILES.c.link_id == _ID, Link.servable(_NOW))
+)

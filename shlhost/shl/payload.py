@@ -41,8 +41,14 @@ class Payload:
 
 def normalise_flags(letters: str) -> str:
     """Sort flag letters alphabetically and check the combination the spec allows."""
-    if not isinstance(letters, str) or set(letters) - set("LPU") or len(set(letters)) != len(letters):
-        raise BadRequest("flags are letters from L, P and U, each at most once", code="invalid_flags")
+    if (
+        not isinstance(letters, str)
+        or set(letters) - set("LPU")
+        or len(set(letters)) != len(letters)
+    ):
+        raise BadRequest(
+            "flags are letters from L, P and U, each at most once", code="invalid_flags"
+        )
     flag = "".join(sorted(letters))
     if flag not in VALID_FLAGS:
         raise BadRequest(
@@ -66,7 +72,7 @@ def decode(link: str) -> Payload:
     if at < 0 or (at > 0 and text[at - 1] != "#"):
         raise BadRequest("not a SMART Health Link (no shlink:/ payload)", code="not_a_link")
     try:
-        data = json.loads(b64url_decode(text[at + len(PREFIX):]))
+        data = json.loads(b64url_decode(text[at + len(PREFIX) :]))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the link payload is not base64url JSON", code="not_a_link") from None
     if not isinstance(data, dict):
