@@ -73,6 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from shlhost import logs, metrics
     from shlhost.api import common, dataplane, errors, fhir, management
     from shlhost.web import pages, security, viewer
+    from shlhost.web import patient
 
     logs.init_app(app)
     metrics.init_app(app)
@@ -83,5 +84,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     fhir.init_app(app)
     pages.init_app(app)
     viewer.init_app(app)
+    patient.init_app(app)
     security.init_app(app)
     return app
