@@ -71,7 +71,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     from shlhost import logs, metrics
-    from shlhost.api import common, dataplane, errors, fhir, management
+    from shlhost.api import common, dataplane, errors, fhir, management, openapi
     from shlhost.web import pages, security, viewer
     from shlhost.web import patient
 
@@ -82,6 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     dataplane.init_app(app)
     management.init_app(app)
     fhir.init_app(app)
+    openapi.init_app(app)
     pages.init_app(app)
     viewer.init_app(app)
     patient.init_app(app)
