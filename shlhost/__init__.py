@@ -82,6 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     dataplane.init_app(app)
     management.init_app(app)
     fhir.init_app(app)
+    __import__("shlhost.api.pull", fromlist=["init_app"]).init_app(app)  # POST /api/pull
     openapi.init_app(app)
     pages.init_app(app)
     viewer.init_app(app)

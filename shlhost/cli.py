@@ -379,6 +379,107 @@ def phr_export(email: str, output: str | None, fmt: str, patient: str | None, st
         click.echo(f"wrote {output}: {export.stats.resources} resources", err=True)
 
 
+# -- SMART Health Links from elsewhere: fetch and pull ------------------------------------------
+
+
+def _passcode(passcode: str | None, passcode_stdin: bool) -> str | None:
+    if passcode_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return passcode
+
+
+def _client_fail(exc: Exception) -> None:
+    click.echo(f"error: {getattr(exc, 'message', str(exc))}", err=True)
+    sys.exit(2)
+
+
+@cli.command("fetch", with_appcontext=False)
+@click.argument("link")
+@click.option("--passcode", help="the link's passcode (flag P)")
+@click.option("--passcode-stdin", is_flag=True, help="read the passcode from standard input")
+@click.option("--recipient", default="shlhost fetch", show_default=True, help="who is asking (the manifest's recipient)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="file to write (default: standard output)")
+@click.option("--format", "fmt", type=click.Choice(["bundle", "ndjson"]), default="bundle", show_default=True)
+def fetch(link: str, passcode: str | None, passcode_stdin: bool, recipient: str, output: str | None,
+          fmt: str) -> None:
+    """Resolve LINK (any SMART Health Link, bare or behind a viewer URL) and write what it
+    carries: one collection Bundle of every file, or NDJSON."""
+    from shlhost.client import ShlClient, ShlError
+
+    try:
+        resolved = ShlClient(recipient=recipient).resolve(link, _passcode(passcode, passcode_stdin))
+    except ShlError as exc:
+        _client_fail(exc)
+    data = resolved.ndjson() if fmt == "ndjson" else json.dumps(resolved.bundle(), indent=1).encode() + b"\n"
+    if output:
+        Path(output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    for f in resolved.files:
+        click.echo(f"file {f.index}: {f.content_type} ({f.origin})", err=True)
+        for card in f.cards:
+            click.echo(f"  health card from {card.issuer}: {card.verification}", err=True)
+        if f.content_type == "application/smart-api-access":
+            click.echo("  SMART API access: reported, not followed", err=True)
+    if output:
+        click.echo(f"wrote {output}: {len(resolved.resources())} resources", err=True)
+
+
+@cli.command("pull")
+@click.argument("link", required=False)
+@click.option("--account", "email", required=True, help="the account (email) that receives the record")
+@click.option("--passcode", help="the link's passcode (flag P)")
+@click.option("--passcode-stdin", is_flag=True, help="read the passcode from standard input")
+@click.option("--recipient", help="who is asking (default: PULL_RECIPIENT)")
+@click.option("--force", is_flag=True, help="ignore PULL_MIN_INTERVAL")
+@with_appcontext
+def pull_command(link: str | None, email: str, passcode: str | None, passcode_stdin: bool, recipient: str | None,
+                 force: bool) -> None:
+    """Import what LINK carries into the account's record and remember it; with no LINK,
+    pull every link the account pulled before (only files that changed)."""
+    from shlhost.client import ShlClient, ShlError
+    from shlhost.phr import remotes
+
+    rt = _runtime()
+    config = current_app.config
+    client = ShlClient(recipient=recipient or str(config["PULL_RECIPIENT"]))
+    secret = _passcode(passcode, passcode_stdin)
+    kw = {"kek": rt.links.kek, "client": client, "now": _now(), "passcode": secret,
+          "min_interval": float(config["PULL_MIN_INTERVAL"]), "force": force}
+    with rt.sessions() as session:
+        account = accounts.find_account(session, email)
+        if account is None:
+            click.echo(f"error: no account {email}", err=True)
+            sys.exit(2)
+        try:
+            if link:
+                results = [remotes.pull(session, account.id, link, **kw)]  # type: ignore[arg-type]
+            else:
+                results = remotes.pull_all(session, account.id, **kw)  # type: ignore[arg-type]
+                if not results:
+                    click.echo("no remotes: pull a link first (shlhost pull LINK --account ...)", err=True)
+        except (ShlError, ShlhostError) as exc:
+            _client_fail(exc)
+        if any(r.result and r.result.committed for r in results):
+            sharing.refresh_links(LinkService(session, rt.blobs, rt.links), rt.sessions, account.id, now=_now())
+    failed = False
+    for r in results:
+        name = r.label or r.url.split("//", 1)[-1].split("/", 1)[0]
+        if r.error:
+            failed = True
+            click.echo(f"{name}: error: {r.error}", err=True)
+            continue
+        if r.note:
+            click.echo(f"{name}: skipped: {r.note}")
+            continue
+        counts = ", ".join(f"{k} {v}" for k, v in r.counts.items()) or "nothing changed"
+        cards = f"; health cards: {', '.join(r.cards)}" if r.cards else ""
+        click.echo(f"{name}: {counts} (files {r.files}, unchanged skipped {r.skipped_files}){cards}")
+    if failed:
+        sys.exit(2)
+
+
 def main() -> None:
     try:
         cli(prog_name="shlhost")

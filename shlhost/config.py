@@ -79,6 +79,11 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "TRUSTED_PROXIES": 0,
         # Largest record a JWE may inflate to when it carries zip:DEF, bytes.
         "MAX_INFLATED_SIZE": 512 * 1024 * 1024,
+        # shlhost pull / POST /api/pull: never ask one remote link again sooner than this,
+        # seconds (``--force`` on the command ignores it).
+        "PULL_MIN_INTERVAL": 60,
+        # Who a pull says is asking (the manifest's ``recipient``).
+        "PULL_RECIPIENT": "shlhost",
     }
 
 

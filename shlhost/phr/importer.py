@@ -64,6 +64,10 @@ class ImportOptions:
     validate_only: bool = False
     strict: bool = False
     format: str = "ndjson"
+    # A pull from a remote: a stored version written by hand here (PUT, revert, a resolved
+    # conflict: no import) is a local edit, and a remote that differs from it is a conflict
+    # even when the sources agree.
+    protect_local_edits: bool = False
 
 
 @dataclass
@@ -90,6 +94,7 @@ class _Current:
     version: int
     hash: str
     source: str | None
+    local: bool = False  # written outside any import (see ImportOptions.protect_local_edits)
 
 
 class Importer:
@@ -285,6 +290,8 @@ class Importer:
         self.targets.extend(f"{v.resource_type}/{v.resource_id}/_history/{prev + 1}" for v, prev in writes)
 
     def _decide(self, current: _Current, new: NewVersion) -> str:
+        if self.options.protect_local_edits and current.local:
+            return self._narrative_or_conflict(current, new)
         if self.options.strategy == "replace" or current.source == new.source:
             return "update"
         return self._narrative_or_conflict(current, new)
@@ -330,12 +337,12 @@ class Importer:
                 # No "current" in the WHERE: with it, SQLite's planner prefers the
                 # (account, current, type) index and scans every resource of the type.
                 rows = self._raw_in(
-                    "SELECT resource_id, version_id, content_hash, source, current FROM resources "
+                    "SELECT resource_id, version_id, content_hash, source, current, import_id FROM resources "
                     "WHERE account_id = {} AND resource_type = {} AND resource_id IN ({})",
                     [self.account_id, rtype], chunk)
-                for rid, version, digest, source, current in rows:
+                for rid, version, digest, source, current, import_id in rows:
                     if current:
-                        self.state[(rtype, rid)] = _Current(version, digest, source)
+                        self.state[(rtype, rid)] = _Current(version, digest, source, import_id is None)
                         self.absent.discard((rtype, rid))
                 if self.has_open_conflicts:
                     for r in self.session.execute(select(ResourceConflict.resource_id, ResourceConflict.incoming_hash)

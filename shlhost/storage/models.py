@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     and_,
     or_,
 )
@@ -284,4 +285,22 @@ class Blob(Base):
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Remote(Base):
+    """A link this account pulls from (``shlhost pull``): its key wrapped under the KEK,
+    and the ``lastUpdated`` of each file at the last pull, so unchanged files are skipped."""
+
+    __tablename__ = "remotes"
+    __table_args__ = (UniqueConstraint("account_id", "url", name="uq_remotes_account_id_url"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(500))
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    label: Mapped[str | None] = mapped_column(String(80))
+    flag: Mapped[str] = mapped_column(String(8), default="")
+    last_pulled: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_file_updates: Mapped[str | None] = mapped_column(Text)  # JSON: file position -> lastUpdated
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
