@@ -16,7 +16,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from tests.conftest import DATA, make_app
-from tests.helpers import decode_link, minimal_bundle
+from tests.helpers import decode_link, independent_decrypt, minimal_bundle
 
 PASSWORD = "a good long password"
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -361,3 +361,34 @@ def test_pages_need_a_session(client: FlaskClient) -> None:
     r = client.get("/patient/signin")
     assert r.headers["Cache-Control"] == "no-store"
     assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+
+
+def _shared_resources(client: FlaskClient, link_id: str) -> set[str]:
+    """What a link carries, fetched and decrypted as a recipient would."""
+    page = client.get(f"/patient/links/{link_id}").get_data(as_text=True)
+    shlink = re.search(r'id="share-link" type="text" readonly value="([^"]+)"', page).group(1)
+    payload = decode_link(shlink)
+    r = client.post(f"/shl/{link_id}", json={"recipient": "Dr Test", "embeddedLengthMax": 10**7})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    _header, body = independent_decrypt(r.get_json()["files"][0]["embedded"], payload["key"])
+    bundle = json.loads(body)
+    return {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] != "Composition"
+    }
+
+
+def test_share_a_date_range_some_types_or_the_summary(patient: FlaskClient) -> None:
+    upload(patient, "small.phr", (DATA / "small.phr").read_bytes())
+    everything = _shared_resources(patient, share(patient))
+    assert {"Patient/pat-1", "MedicationStatement/med-1", "Immunization/imm-1"} <= everything
+    in_range = _shared_resources(
+        patient, share(patient, scope="range", start="2016-01-01", end="2020-12-31")
+    )
+    assert "MedicationStatement/med-1" in in_range and "Observation/obs-1" in in_range
+    assert "Immunization/imm-1" not in in_range and "Condition/cond-1" not in in_range
+    typed = _shared_resources(patient, share(patient, scope="types", types="Immunization"))
+    assert "Immunization/imm-1" in typed and "MedicationStatement/med-1" not in typed
+    summary = _shared_resources(patient, share(patient, scope="summary"))
+    assert "MedicationStatement/med-1" in summary and "Condition/cond-1" in summary
