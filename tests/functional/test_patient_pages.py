@@ -392,3 +392,39 @@ def test_share_a_date_range_some_types_or_the_summary(patient: FlaskClient) -> N
     assert "Immunization/imm-1" in typed and "MedicationStatement/med-1" not in typed
     summary = _shared_resources(patient, share(patient, scope="summary"))
     assert "MedicationStatement/med-1" in summary and "Condition/cond-1" in summary
+
+
+def test_upload_a_password_protected_sphr(patient: FlaskClient) -> None:
+    import pyzipper
+
+    buf = io.BytesIO()
+    with pyzipper.AESZipFile(
+        buf, "w", compression=pyzipper.ZIP_DEFLATED, encryption=pyzipper.WZ_AES
+    ) as archive:
+        archive.setpassword(b"s3cret-pass")
+        archive.writestr("Tina.phr", (DATA / "small.phr").read_bytes())
+    sphr = buf.getvalue()
+    r = upload(patient, "Tina.sphr", sphr)
+    assert r.status_code in (400, 401, 422) and "text/html" in r.content_type
+    assert "password" in r.get_data(as_text=True).lower()
+    r = upload(patient, "Tina.sphr", sphr, sphr_password="wrong-pass")
+    assert r.status_code in (400, 401, 422) and "password" in r.get_data(as_text=True).lower()
+    r = upload(
+        patient,
+        "Tina.sphr",
+        sphr,
+        sphr_password="s3cret-pass",
+        headers={"X-Requested-With": "XMLHttpRequest"},
+    )
+    assert r.status_code == 200, r.get_data(as_text=True)
+    page = patient.get("/patient/import").get_data(as_text=True)
+    assert "Tina.sphr" in page and re.search(r'id="count-created">5<', page)
+    assert "Tina Tester" in patient.get("/patient/").get_data(as_text=True)
+    # An error during an XMLHttpRequest upload comes back as JSON the page can show.
+    r = upload(
+        patient,
+        "Tina.sphr",
+        sphr,
+        headers={"X-Requested-With": "XMLHttpRequest", "Accept": "application/json"},
+    )
+    assert r.status_code >= 400 and "password" in r.get_json()["message"].lower()
