@@ -19,8 +19,10 @@ ever logged: only the host of the manifest URL.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -101,6 +103,13 @@ class RateLimited(ShlError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RefusedAddress(ShlError):
+    """The link points at an address this client was told not to reach (a server pulling
+    on behalf of its users refuses loopback and private networks)."""
+
+    kind = "refused_address"
 
 
 class ServerError(ShlError):
@@ -232,6 +241,7 @@ class ShlClient:
         verify_cards: bool = True,
         jwks_timeout: float = 5.0,
         now: Callable[[], float] = time.time,
+        allow_url: Callable[[str], bool] | None = None,
     ) -> None:
         self.recipient = recipient
         self.timeout = timeout
@@ -243,6 +253,7 @@ class ShlClient:
         self.verify_cards = verify_cards
         self.jwks_timeout = jwks_timeout
         self.now = now
+        self.allow_url = allow_url
         self._jwks: dict[str, dict[str, Any] | None] = {}
 
     # -- entry points -----------------------------------------------------------------------
@@ -307,6 +318,8 @@ class ShlClient:
     def _request(self, method: str, url: str, **kw: Any) -> requests.Response:
         """One request, retried on 429 after its Retry-After (bounded); connection errors
         become ServerError."""
+        if self.allow_url is not None and not self.allow_url(url):
+            raise RefusedAddress(f"refusing to fetch from {_host(url)}: not a public address")
         waited = 0.0
         for attempt in range(self.max_retries + 1):
             try:
@@ -485,6 +498,9 @@ class ShlClient:
     def _issuer_keys(self, issuer: str) -> dict[str, Any] | None:
         if issuer not in self._jwks:
             found = None
+            if self.allow_url is not None and not self.allow_url(issuer):
+                self._jwks[issuer] = None
+                return None
             try:
                 resp = self.http.get(
                     issuer.rstrip("/") + "/.well-known/jwks.json",
@@ -507,6 +523,30 @@ def _card_ref(seed: str) -> Callable[[str], str]:
         return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, seed + '|' + ref)}"
 
     return fix
+
+
+def public_only(url: str) -> bool:
+    """``allow_url`` for servers: only http(s) URLs whose host resolves to public addresses
+    (no loopback, private, link-local, multicast or reserved ranges)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return True  # unresolvable: the request itself will fail and say so
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip.is_unspecified
+        ):
+            return False
+    return True
 
 
 def _instant(value: Any) -> datetime | None:

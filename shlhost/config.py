@@ -84,6 +84,8 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "PULL_MIN_INTERVAL": 60,
         # Who a pull says is asking (the manifest's ``recipient``).
         "PULL_RECIPIENT": "shlhost",
+        # POST /api/pull fetches what users name: only from public addresses unless true.
+        "PULL_ALLOW_PRIVATE": False,
     }
 
 

@@ -13,7 +13,7 @@ from flask import Blueprint, Flask, Response, current_app
 
 from shlhost.api.common import db, json_body, now, runtime
 from shlhost.api.fhir import FHIR_JSON, account_id, outcome, record_changed
-from shlhost.client import NotALink, ShlClient, ShlError
+from shlhost.client import NotALink, ShlClient, ShlError, public_only
 from shlhost.errors import BadRequest, ShlhostError
 from shlhost.phr import remotes
 from shlhost.phr.importer import ImportResult
@@ -37,7 +37,12 @@ def pull() -> Response:
     if passcode is not None and not isinstance(passcode, str):
         raise BadRequest("passcode must be a string", code="invalid_passcode")
     config = current_app.config
-    client = ShlClient(recipient=str(config["PULL_RECIPIENT"]), max_wait=10)
+    private = str(config["PULL_ALLOW_PRIVATE"]).lower() in ("1", "true", "yes")
+    client = ShlClient(
+        recipient=str(config["PULL_RECIPIENT"]),
+        max_wait=10,
+        allow_url=None if private else public_only,
+    )
     try:
         pulled = remotes.pull(
             db(),
@@ -49,6 +54,14 @@ def pull() -> Response:
             passcode=passcode,
             min_interval=float(config["PULL_MIN_INTERVAL"]),
         )
+    except remotes.TooSoon as exc:
+        resp = Response(
+            orjson.dumps({"error": exc.code, "message": exc.message}),
+            status=429,
+            mimetype="application/json",
+        )
+        resp.headers["Retry-After"] = str(exc.extra.get("retry_after", 60))
+        return resp
     except NotALink as exc:
         raise BadRequest(exc.message, code="not_a_link") from None
     except ShlError as exc:

@@ -408,5 +408,43 @@ def test_pull_command_clones_remembers_and_respects_the_interval(live_server, ru
     assert json.loads(remotes[0].last_file_updates)["0"]
 
 
-def test_pull_api_needs_a_token_and_a_link(client):
+def test_pull_api_needs_a_token_and_refuses_private_addresses(client, fhir):
     assert client.post("/api/pull", json={"link": "x"}).status_code == 401
+    r = client.post("/api/pull", json={"link": "not a link"}, headers=fhir.headers)
+    assert r.status_code == 400 and r.get_json()["error"] == "not_a_link"
+    r = client.post(
+        "/api/pull", json={"link": link_to("http://127.0.0.1:9/m")}, headers=fhir.headers
+    )
+    assert r.status_code == 502 and r.get_json()["error"] == "refused_address"
+    assert (
+        shl.public_only("http://10.1.2.3/x") is False
+        and shl.public_only("file:///etc/passwd") is False
+    )
+
+
+def test_pull_api_imports_and_keeps_its_interval(base_config, live_server):
+    from tests.conftest import make_app
+    from tests.functional.conftest import counts
+
+    app = make_app(base_config, PULL_ALLOW_PRIVATE=True)
+    email, token = new_account(app.test_cli_runner())
+    headers = {"Authorization": f"Bearer {token}"}
+    r = requests.post(
+        live_server.url + "/api/links",
+        json={
+            "files": [{"contentType": shl.FHIR_JSON, "content": minimal_bundle()}],
+            "passcode": "pw",
+        },
+        timeout=10,
+    )
+    link = r.json()["shlink"]
+    web = app.test_client()
+    wrong = web.post("/api/pull", json={"link": link, "passcode": "nope"}, headers=headers)
+    assert wrong.status_code == 502 and wrong.get_json()["error"] == "wrong_passcode"
+    assert wrong.get_json()["remainingAttempts"] == 4
+    first = web.post("/api/pull", json={"link": link, "passcode": "pw"}, headers=headers)
+    assert first.status_code == 200, first.get_json()
+    assert counts(first.get_json())["created"] == len(minimal_bundle()["entry"])
+    again = web.post("/api/pull", json={"link": link, "passcode": "pw"}, headers=headers)
+    assert again.status_code == 429 and int(again.headers["Retry-After"]) > 0
+    app.extensions["shlhost"].engine.dispose()

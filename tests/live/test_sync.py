@@ -59,6 +59,7 @@ def instance_b(base_config, second_database_url, tmp_path_factory):
         **base_config,
         "DATABASE_URL": second_database_url,
         "PULL_MIN_INTERVAL": 0,
+        "PULL_ALLOW_PRIVATE": "true",
         "BLOB_PATH": str(tmp_path_factory.mktemp("blobs-b")),
     }
     app = make_app(config)
