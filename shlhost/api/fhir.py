@@ -75,7 +75,7 @@ def check_type(rtype: str) -> str:
 
 def _count(default: int = 100) -> int:
     raw = request.args.get("_count", str(default))
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise BadRequest("_count must be a whole number", code="invalid_count")
     return min(int(raw), 1000)
 
@@ -274,7 +274,7 @@ def search(rtype: str) -> Response:
     check_type(rtype)
     offset = request.args.get("_offset", "0")
     rows, total = store().search(rtype, patient=request.args.get("patient") or None, count=_count(),
-                                 offset=int(offset) if offset.isdigit() else 0)
+                                 offset=min(int(offset), 2**31) if offset.isascii() and offset.isdigit() else 0)
     return fhir_response(_bundle("searchset", rows, total))
 
 

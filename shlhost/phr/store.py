@@ -162,7 +162,8 @@ class RecordStore:
         return row
 
     def vread(self, rtype: str, rid: str, vid: str) -> ResourceRow:
-        if not vid.isdigit():
+        # ASCII digits only ("³".isdigit() is true), and within any database's integer.
+        if not (vid.isascii() and vid.isdigit()) or len(vid) > 18:
             raise NotFound(f"{rtype}/{rid} has no version {vid}")
         row = self.session.scalars(
             self._versions(rtype, rid).where(ResourceRow.version_id == int(vid))

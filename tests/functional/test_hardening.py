@@ -166,3 +166,16 @@ def test_no_route_redirects_to_a_user_given_url(app: Flask, client: FlaskClient)
             assert urlsplit(location).netloc in ("", "localhost"), (path, location)
             assert not location.startswith(("//", "/\\")), (path, location)
     assert checked > 20
+
+
+@pytest.mark.parametrize("query", ["Patient/fuzz/_history/%C2%B3", "Patient/fuzz/_history/99999999999999999999",
+                                   "Patient?_count=%C2%B3", "Patient?_offset=%C2%B3",
+                                   "Patient?_offset=99999999999999999999999", "Patient/_history?_count=%C2%B2",
+                                   "Patient/fuzz/$revert?version=%C2%B3"])
+def test_non_ascii_digits_and_huge_numbers_in_fhir_parameters(fhir: Fhir, query: str) -> None:
+    """Found by schemathesis: "³".isdigit() is true, and int("³") raised: a 500."""
+    fhir.put("Patient/fuzz", {"resourceType": "Patient", "id": "fuzz"})
+    method = fhir.post if "$revert" in query else fhir.get
+    r = method(query)
+    assert r.status_code in (200, 400, 404), (query, r.status_code, r.get_data(as_text=True)[:300])
+    assert r.get_json()["resourceType"] in ("OperationOutcome", "Bundle")
