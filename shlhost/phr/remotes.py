@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shlhost.client import ShlClient, ShlError
@@ -116,21 +117,28 @@ def pull(
     if resources:
         out.result = _import(session, account_id, p.url, resources, now=now)
     # Remember the remote and what each file looked like.
-    remote = session.scalar(
-        select(Remote).where(Remote.account_id == account_id, Remote.url == p.url)
-    )
-    if remote is None:
-        remote = Remote(account_id=account_id, url=p.url, created_at=now, last_file_updates=None)
-        session.add(remote)
-    remote.wrapped_key = wrap_key(kek, b64url_decode(p.key), _context(account_id, p.url))
-    remote.flag = p.flag
-    remote.label = p.label
-    remote.last_pulled = now
     settled = resolved.settled_updates()
     if known:  # files skipped this time keep what we knew of them
         settled.update({str(f.index): known[str(f.index)] for f in resolved.files if f.skipped})
-    remote.last_file_updates = json.dumps(settled)
-    session.commit()
+    for attempt in (1, 2):
+        remote = session.scalar(
+            select(Remote).where(Remote.account_id == account_id, Remote.url == p.url)
+        )
+        if remote is None:
+            remote = Remote(account_id=account_id, url=p.url, created_at=now)
+            session.add(remote)
+        remote.wrapped_key = wrap_key(kek, b64url_decode(p.key), _context(account_id, p.url))
+        remote.flag = p.flag
+        remote.label = p.label
+        remote.last_pulled = now
+        remote.last_file_updates = json.dumps(settled)
+        try:
+            session.commit()
+            break
+        except IntegrityError:  # a parallel pull of the same link created it first
+            session.rollback()
+            if attempt == 2:
+                raise
     return out
 
 

@@ -363,6 +363,32 @@ def test_a_location_that_expired_between_manifest_and_fetch_asks_the_manifest_ag
         offline_client().resolve(link_to(remote.url + "/m"))
 
 
+def test_fetch_command_with_a_passcode_from_standard_input(live_server, tmp_path):
+    r = requests.post(
+        live_server.url + "/api/links",
+        json={
+            "files": [{"contentType": shl.FHIR_JSON, "content": minimal_bundle()}],
+            "passcode": "s3cret",
+        },
+        timeout=10,
+    )
+    link = r.json()["shlink"]
+    out = tmp_path / "record.json"
+    result = CliRunner().invoke(
+        cli, ["fetch", link, "--passcode-stdin", "-o", str(out)], input="s3cret\n"
+    )
+    assert result.exit_code == 0, result.output
+    bundle = json.loads(out.read_text())
+    assert bundle["type"] == "collection"
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [
+        e["resource"]["id"] for e in minimal_bundle()["entry"]
+    ]
+    wrong = CliRunner().invoke(cli, ["fetch", link, "--passcode", "guess"])
+    assert (
+        wrong.exit_code == 2 and wrong.output.strip() == "error: wrong passcode (4 attempts left)"
+    )
+
+
 def test_fetch_command_errors_are_one_line_and_exit_2(remote):
     runner = CliRunner()
     for args, words in (
