@@ -474,3 +474,27 @@ def test_pull_api_imports_and_keeps_its_interval(base_config, live_server):
     again = web.post("/api/pull", json={"link": link, "passcode": "pw"}, headers=headers)
     assert again.status_code == 429 and int(again.headers["Retry-After"]) > 0
     app.extensions["shlhost"].engine.dispose()
+
+
+def test_pull_imports_the_resources_of_a_health_card(live_server, runner):
+    token = spec_jwe()
+    email, api_token = new_account(runner)
+    r = requests.post(
+        live_server.url + "/api/links",
+        json={"files": [{"contentType": shl.SHC, "jwe": token}]},
+        timeout=10,
+    )
+    link = link_to(r.json()["url"])
+    result = runner.invoke(cli, ["pull", link, "--account", email])
+    assert result.exit_code == 0, result.output
+    assert "created 4," in result.output and "health cards: " in result.output
+    web = runner.app.test_client()
+    found = web.get(
+        "/fhir/Immunization", headers={"Authorization": f"Bearer {api_token}"}
+    ).get_json()
+    assert found["total"] == 3
+    assert {e["resource"]["meta"]["source"] for e in found["entry"]} == {r.json()["url"]}
+    again = runner.invoke(cli, ["pull", link, "--account", email, "--force"])
+    assert again.exit_code == 0, again.output
+    # Nothing new: no new versions (the file is either skipped or found unchanged).
+    assert "created 0, updated 0" in again.output or "nothing changed" in again.output
