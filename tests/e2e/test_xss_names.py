@@ -17,16 +17,34 @@ DOC = "<script>alert(8)</script>letter"
 
 def test_attachment_titles_are_text(live_server, tab):
     png = base64.b64encode(
-        bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-                      "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+        bytes.fromhex(
+            "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+            "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+        )
     ).decode()
     record = bundle(
         patient(),
-        {"resourceType": "Media", "id": "img1", "status": "completed",
-         "content": {"contentType": "image/png", "data": png, "title": NAME}},
-        {"resourceType": "DocumentReference", "id": "d1", "status": "current", "description": DOC,
-         "content": [{"attachment": {"contentType": "application/octet-stream", "title": NAME,
-                                     "data": base64.b64encode(b"<html><script>alert(9)</script>").decode()}}]},
+        {
+            "resourceType": "Media",
+            "id": "img1",
+            "status": "completed",
+            "content": {"contentType": "image/png", "data": png, "title": NAME},
+        },
+        {
+            "resourceType": "DocumentReference",
+            "id": "d1",
+            "status": "current",
+            "description": DOC,
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "application/octet-stream",
+                        "title": NAME,
+                        "data": base64.b64encode(b"<html><script>alert(9)</script>").decode(),
+                    }
+                }
+            ],
+        },
     )
     created = create_link(live_server, record, label=NAME)
     tab.open(created["viewer_url"])

@@ -38,8 +38,9 @@ def _id_routes(app: Flask) -> list[tuple[str, str]]:
     return routes
 
 
-def test_every_link_route_refuses_another_owner(app: Flask, client: FlaskClient, api: Api,
-                                                fhir: Fhir, other: Fhir) -> None:
+def test_every_link_route_refuses_another_owner(
+    app: Flask, client: FlaskClient, api: Api, fhir: Fhir, other: Fhir
+) -> None:
     """Another link's management token, another account's API token, or none: always the
     same 404 as an unknown link, and the link is untouched."""
     body = {"files": [{"contentType": FHIR, "content": minimal_bundle()}], "flags": "L"}
@@ -52,8 +53,12 @@ def test_every_link_route_refuses_another_owner(app: Flask, client: FlaskClient,
     for method, rule in routes:
         path = rule.replace("<link_id>", victim["id"]).replace("<file_id>", file_id)
         for headers in (api.auth(attacker_link), other.headers, {}):
-            r = client.open(path, method=method, headers=headers,
-                            json={"files": [GOOD_FILE], "active": False, "label": "pwned"})
+            r = client.open(
+                path,
+                method=method,
+                headers=headers,
+                json={"files": [GOOD_FILE], "active": False, "label": "pwned"},
+            )
             assert r.status_code == 404, (method, rule, headers, r.get_data(as_text=True))
             assert r.get_data() == unknown.get_data()
     owner = client.get(f"/api/links/{victim['id']}", headers=fhir.headers).get_json()
@@ -77,7 +82,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("raw", BAD_BODIES)
-def test_bad_json_bodies_are_400_everywhere(client: FlaskClient, api: Api, fhir: Fhir, raw: bytes) -> None:
+def test_bad_json_bodies_are_400_everywhere(
+    client: FlaskClient, api: Api, fhir: Fhir, raw: bytes
+) -> None:
     created = api.create(flags="L")
     file_id = created["files"][0]["id"]
     targets = [
@@ -89,7 +96,9 @@ def test_bad_json_bodies_are_400_everywhere(client: FlaskClient, api: Api, fhir:
         ("PUT", "/fhir/Patient/bad-json", fhir.headers),
     ]
     for method, path, headers in targets:
-        r = client.open(path, method=method, data=raw, content_type="application/json", headers=headers)
+        r = client.open(
+            path, method=method, data=raw, content_type="application/json", headers=headers
+        )
         assert r.status_code == 400, (method, path, r.status_code, r.get_data(as_text=True)[:300])
         assert b"Traceback" not in r.data
     assert api.get(created).get_json()["status"] == "active"
@@ -99,9 +108,11 @@ def test_bad_json_bodies_are_400_everywhere(client: FlaskClient, api: Api, fhir:
 
 
 def test_huge_and_many_headers_are_refused_and_the_server_lives_on(live_server: LiveServer) -> None:
-    for headers in ({"X-Huge": "a" * 64 * 1024},
-                    {f"X-Many-{i}": "x" for i in range(300)},
-                    {"Authorization": "Bearer " + "t" * 20_000}):
+    for headers in (
+        {"X-Huge": "a" * 64 * 1024},
+        {f"X-Many-{i}": "x" for i in range(300)},
+        {"Authorization": "Bearer " + "t" * 20_000},
+    ):
         try:
             r = requests.get(f"{live_server.url}/healthz", headers=headers, timeout=30)
         except requests.ConnectionError:
@@ -131,7 +142,9 @@ def _sphr_with_symlink(target: str) -> bytes:
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "../../instance/config.py", "record.phr"])
-def test_sphr_with_a_symlink_member_is_refused(app: Flask, api: Api, fhir: Fhir, target: str) -> None:
+def test_sphr_with_a_symlink_member_is_refused(
+    app: Flask, api: Api, fhir: Fhir, target: str
+) -> None:
     before = _state(app)
     _error(api.upload([("record.sphr", _sphr_with_symlink(target))]), 400, "unsafe_archive")
     assert _state(app) == before
@@ -148,15 +161,34 @@ EVIL = "https://evil.example/phish"
 def test_no_route_redirects_to_a_user_given_url(app: Flask, client: FlaskClient) -> None:
     """Every GET route, with every usual redirect parameter pointing elsewhere: no answer
     sends the browser off this site. (The patient pages' ``next`` has its own test.)"""
-    params = {name: EVIL for name in ("next", "url", "redirect", "redirect_uri", "return_to", "continue",
-                                      "r", "to", "target", "dest", "destination", "goto")}
+    params = {
+        name: EVIL
+        for name in (
+            "next",
+            "url",
+            "redirect",
+            "redirect_uri",
+            "return_to",
+            "continue",
+            "r",
+            "to",
+            "target",
+            "dest",
+            "destination",
+            "goto",
+        )
+    }
     checked = 0
     for rule in app.url_map.iter_rules():
         if "GET" not in (rule.methods or set()):
             continue
         path = rule.rule
         for arg in rule.arguments:
-            path = path.replace(f"<{arg}>", "x").replace(f"<int:{arg}>", "1").replace(f"<path:{arg}>", "x")
+            path = (
+                path.replace(f"<{arg}>", "x")
+                .replace(f"<int:{arg}>", "1")
+                .replace(f"<path:{arg}>", "x")
+            )
         for extra in ({}, {"Referer": EVIL}):
             r = client.get(path, query_string=params, headers=extra)
             checked += 1
@@ -168,10 +200,18 @@ def test_no_route_redirects_to_a_user_given_url(app: Flask, client: FlaskClient)
     assert checked > 20
 
 
-@pytest.mark.parametrize("query", ["Patient/fuzz/_history/%C2%B3", "Patient/fuzz/_history/99999999999999999999",
-                                   "Patient?_count=%C2%B3", "Patient?_offset=%C2%B3",
-                                   "Patient?_offset=99999999999999999999999", "Patient/_history?_count=%C2%B2",
-                                   "Patient/fuzz/$revert?version=%C2%B3"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Patient/fuzz/_history/%C2%B3",
+        "Patient/fuzz/_history/99999999999999999999",
+        "Patient?_count=%C2%B3",
+        "Patient?_offset=%C2%B3",
+        "Patient?_offset=99999999999999999999999",
+        "Patient/_history?_count=%C2%B2",
+        "Patient/fuzz/$revert?version=%C2%B3",
+    ],
+)
 def test_non_ascii_digits_and_huge_numbers_in_fhir_parameters(fhir: Fhir, query: str) -> None:
     """Found by schemathesis: "³".isdigit() is true, and int("³") raised: a 500."""
     fhir.put("Patient/fuzz", {"resourceType": "Patient", "id": "fuzz"})

@@ -35,7 +35,12 @@ pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 EXAMPLES_PER_OPERATION = 8
 TIME_BUDGET = 60.0
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +57,39 @@ def credentials(base_config: dict[str, Any], fuzz_server: LiveServer) -> dict[st
     rt = app.extensions["shlhost"]
     try:
         with rt.sessions() as session:
-            account = accounts.create_account(session, rt.hasher, f"fuzz-{os.urandom(4).hex()}@example.org",
-                                              "a long password", now=datetime.now(UTC))
+            account = accounts.create_account(
+                session,
+                rt.hasher,
+                f"fuzz-{os.urandom(4).hex()}@example.org",
+                "a long password",
+                now=datetime.now(UTC),
+            )
             api_token = accounts.create_token(session, account, now=datetime.now(UTC))
     finally:
         rt.engine.dispose()
-    r = requests.post(f"{fuzz_server.url}/api/links", timeout=30, json={
-        "files": [{"contentType": "application/fhir+json", "content": minimal_bundle()}], "flags": "L"})
+    r = requests.post(
+        f"{fuzz_server.url}/api/links",
+        timeout=30,
+        json={
+            "files": [{"contentType": "application/fhir+json", "content": minimal_bundle()}],
+            "flags": "L",
+        },
+    )
     assert r.status_code == 201, r.text
     created = r.json()
-    r = requests.post(f"{fuzz_server.url}/fhir/Bundle/$import", timeout=30, data=b'{"resourceType":'
-                      b'"Patient","id":"fuzz-p"}\n', headers={"Authorization": f"Bearer {api_token}",
-                                                              "Content-Type": "application/x-ndjson"})
+    r = requests.post(
+        f"{fuzz_server.url}/fhir/Bundle/$import",
+        timeout=30,
+        data=b'{"resourceType":"Patient","id":"fuzz-p"}\n',
+        headers={"Authorization": f"Bearer {api_token}", "Content-Type": "application/x-ndjson"},
+    )
     assert r.status_code == 200, r.text
-    return {"api_token": api_token, "management_token": created["management_token"],
-            "link_id": created["id"], "file_id": created["files"][0]["id"]}
+    return {
+        "api_token": api_token,
+        "management_token": created["management_token"],
+        "link_id": created["id"],
+        "file_id": created["files"][0]["id"],
+    }
 
 
 def test_openapi_fuzz(fuzz_server: LiveServer, credentials: dict[str, str]) -> None:
@@ -79,9 +102,13 @@ def test_openapi_fuzz(fuzz_server: LiveServer, credentials: dict[str, str]) -> N
     calls: dict[str, int] = {}
 
     def make_run(operation: Any, path: str, token: str) -> Any:
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy(), real=st.booleans(), auth=st.booleans())
         def run(case: Any, real: bool, auth: bool) -> None:
             if time.monotonic() - started > TIME_BUDGET:
@@ -108,7 +135,10 @@ def test_openapi_fuzz(fuzz_server: LiveServer, credentials: dict[str, str]) -> N
 
     for operation in operations:
         path = operation.path
-        api_token = path.startswith(("/fhir", "/api/pull")) or (path, operation.method) == ("/api/links", "get")
+        api_token = path.startswith(("/fhir", "/api/pull")) or (path, operation.method) == (
+            "/api/links",
+            "get",
+        )
         token = credentials["api_token"] if api_token else credentials["management_token"]
         try:
             make_run(operation, path, token)()
@@ -116,7 +146,9 @@ def test_openapi_fuzz(fuzz_server: LiveServer, credentials: dict[str, str]) -> N
             if not any(f.startswith(f"{operation.method.upper()} {path}:") for f in failures):
                 failures.append(f"{operation.method.upper()} {path}: {type(exc).__name__}: {exc}")
 
-    assert not failures, "\n\n".join(failures[:10]) + "\n\nserver log (tail):\n" + fuzz_server.output()[-3000:]
+    assert not failures, (
+        "\n\n".join(failures[:10]) + "\n\nserver log (tail):\n" + fuzz_server.output()[-3000:]
+    )
     # Every operation was exercised (unless the time budget ran out first).
     if time.monotonic() - started < TIME_BUDGET:
         assert len(calls) == len(operations), sorted(calls)

@@ -38,10 +38,16 @@ def test_every_json_route_is_documented_and_nothing_stale(app: Flask) -> None:
     routes = _json_routes(app)
     documented = _documented(openapi.spec(None, app.blueprints))
     assert routes, "no JSON routes found: the prefixes are wrong"
-    missing = {p: sorted(m - documented.get(p, set())) for p, m in routes.items()
-               if m - documented.get(p, set())}
-    stale = {p: sorted(m - routes.get(p, set())) for p, m in documented.items()
-             if m - routes.get(p, set())}
+    missing = {
+        p: sorted(m - documented.get(p, set()))
+        for p, m in routes.items()
+        if m - documented.get(p, set())
+    }
+    stale = {
+        p: sorted(m - routes.get(p, set()))
+        for p, m in documented.items()
+        if m - routes.get(p, set())
+    }
     assert not missing, f"JSON routes missing from shlhost/api/openapi.py: {missing}"
     assert not stale, f"paths in shlhost/api/openapi.py that the app does not serve: {stale}"
 
@@ -54,13 +60,19 @@ def test_path_parameters_match_the_rule(app: Flask) -> None:
                 continue
             params = [*item.get("parameters", []), *op.get("parameters", [])]
             declared = {p["name"] for p in params if p["in"] == "path"}
-            assert declared == names, f"{method.upper()} {path}: path parameters {declared} != {names}"
+            assert declared == names, (
+                f"{method.upper()} {path}: path parameters {declared} != {names}"
+            )
 
 
 def test_operation_ids_are_unique() -> None:
     everything = openapi.spec(None, openapi.OPTIONAL_PATHS)
-    ids = [op["operationId"] for item in everything["paths"].values()
-           for m, op in item.items() if m != "parameters"]
+    ids = [
+        op["operationId"]
+        for item in everything["paths"].values()
+        for m, op in item.items()
+        if m != "parameters"
+    ]
     assert len(ids) == len(set(ids))
     assert all(ids)
 

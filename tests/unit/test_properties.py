@@ -40,11 +40,16 @@ def b64e(data: bytes) -> str:
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(text=st.one_of(st.text(max_size=300),
-                      st.text(max_size=200).map(lambda t: "shlink:/" + t),
-                      st.binary(max_size=200).map(lambda b: "shlink:/" + b64e(b)),
-                      st.dictionaries(st.text(max_size=5), st.none() | st.integers() | st.text(max_size=5),
-                                      max_size=5).map(lambda d: "shlink:/" + b64e(json.dumps(d).encode()))))
+@given(
+    text=st.one_of(
+        st.text(max_size=300),
+        st.text(max_size=200).map(lambda t: "shlink:/" + t),
+        st.binary(max_size=200).map(lambda b: "shlink:/" + b64e(b)),
+        st.dictionaries(
+            st.text(max_size=5), st.none() | st.integers() | st.text(max_size=5), max_size=5
+        ).map(lambda d: "shlink:/" + b64e(json.dumps(d).encode())),
+    )
+)
 def test_decode_is_total(text: str) -> None:
     """Whatever a QR scanner hands us: a Payload or a clear BadRequest, never a crash."""
     try:
@@ -57,18 +62,31 @@ def test_decode_is_total(text: str) -> None:
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(key=st.binary(min_size=32, max_size=32).map(b64e),
-       label=st.none() | st.text(min_size=1, max_size=80),
-       exp=st.none() | st.integers(0, 2**41),
-       flag=st.sampled_from(["", "L", "P", "LP", "U", "LU"]),
-       extra=st.dictionaries(st.text(min_size=1, max_size=8).filter(
-           lambda k: k not in {"url", "key", "exp", "flag", "label", "v"}),
-           st.none() | st.booleans() | st.integers() | st.text(max_size=10), max_size=4),
-       viewer=st.none() | st.from_regex(r"https://[a-z]{1,10}\.example/[a-z/]{0,12}", fullmatch=True))
-def test_round_trip_with_unknown_properties_and_any_viewer(key: str, label: str | None, exp: int | None,
-                                                           flag: str, extra: dict[str, Any],
-                                                           viewer: str | None) -> None:
-    original = Payload(url="https://shl.example.org/shl/" + "A" * 43, key=key, exp=exp, flag=flag, label=label)
+@given(
+    key=st.binary(min_size=32, max_size=32).map(b64e),
+    label=st.none() | st.text(min_size=1, max_size=80),
+    exp=st.none() | st.integers(0, 2**41),
+    flag=st.sampled_from(["", "L", "P", "LP", "U", "LU"]),
+    extra=st.dictionaries(
+        st.text(min_size=1, max_size=8).filter(
+            lambda k: k not in {"url", "key", "exp", "flag", "label", "v"}
+        ),
+        st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+        max_size=4,
+    ),
+    viewer=st.none() | st.from_regex(r"https://[a-z]{1,10}\.example/[a-z/]{0,12}", fullmatch=True),
+)
+def test_round_trip_with_unknown_properties_and_any_viewer(
+    key: str,
+    label: str | None,
+    exp: int | None,
+    flag: str,
+    extra: dict[str, Any],
+    viewer: str | None,
+) -> None:
+    original = Payload(
+        url="https://shl.example.org/shl/" + "A" * 43, key=key, exp=exp, flag=flag, label=label
+    )
     link = encode(original, viewer)
     assert decode(link) == original
     # Someone else's encoder adds properties we do not know: they are ignored.
@@ -85,8 +103,11 @@ def _big(size: int, seed: int) -> bytes:
 
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=FIXTURE_OK)
-@given(plaintext=st.builds(_big, st.integers(64 * 1024, 1024 * 1024), st.integers(0, 2**32)),
-       deflate=st.booleans(), key=st.binary(min_size=32, max_size=32))
+@given(
+    plaintext=st.builds(_big, st.integers(64 * 1024, 1024 * 1024), st.integers(0, 2**32)),
+    deflate=st.booleans(),
+    key=st.binary(min_size=32, max_size=32),
+)
 def test_jwe_round_trip_large(plaintext: bytes, deflate: bool, key: bytes) -> None:
     """test_jwe.py covers up to 64 KiB; files are usually bigger."""
     token = jwe.encrypt(plaintext, key, "application/fhir+json", deflate=deflate)
@@ -94,8 +115,11 @@ def test_jwe_round_trip_large(plaintext: bytes, deflate: bool, key: bytes) -> No
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(plaintext=st.binary(min_size=1, max_size=2000), key=st.binary(min_size=32, max_size=32),
-       data=st.data())
+@given(
+    plaintext=st.binary(min_size=1, max_size=2000),
+    key=st.binary(min_size=32, max_size=32),
+    data=st.data(),
+)
 def test_jwe_tampering_never_decrypts(plaintext: bytes, key: bytes, data: st.DataObject) -> None:
     """Flip any character, truncate anywhere, or use another key: an error, never plaintext."""
     token = jwe.encrypt(plaintext, key, "application/fhir+json")
@@ -108,7 +132,7 @@ def test_jwe_tampering_never_decrypts(plaintext: bytes, key: bytes, data: st.Dat
     else:
         at = data.draw(st.integers(0, len(token) - 1))
         replacement = data.draw(st.sampled_from("ABCabc019-_.").filter(lambda c: c != token[at]))
-        tampered, use = token[:at] + replacement + token[at + 1:], key
+        tampered, use = token[:at] + replacement + token[at + 1 :], key
     try:
         _header, out = jwe.decrypt(tampered, use)
     except (ShlhostError, jwe.DecryptionError):
@@ -132,20 +156,41 @@ def shared_app(base_config: dict[str, Any]) -> Any:
 
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=FIXTURE_OK)
 @given(sizes=st.lists(st.integers(1, 40_000), min_size=1, max_size=4), data=st.data())
-def test_manifest_embedding_never_exceeds_embedded_length_max(shared_app: Flask, sizes: list[int],
-                                                              data: st.DataObject) -> None:
+def test_manifest_embedding_never_exceeds_embedded_length_max(
+    shared_app: Flask, sizes: list[int], data: st.DataObject
+) -> None:
     client = shared_app.test_client()
-    files = [{"contentType": "application/fhir+json",
-              "content": {"resourceType": "Bundle", "type": "collection",
-                          "entry": [{"resource": {"resourceType": "Basic", "id": "b",
-                                                  "code": {"text": os.urandom(size // 2).hex()}}}]}}
-             for size in sizes]
+    files = [
+        {
+            "contentType": "application/fhir+json",
+            "content": {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [
+                    {
+                        "resource": {
+                            "resourceType": "Basic",
+                            "id": "b",
+                            "code": {"text": os.urandom(size // 2).hex()},
+                        }
+                    }
+                ],
+            },
+        }
+        for size in sizes
+    ]
     r = client.post("/api/links", json={"files": files})
     assert r.status_code == 201, r.get_json()
     created = r.get_json()
     jwe_sizes = sorted(f["size"] for f in created["files"])
-    limit = data.draw(st.one_of(st.integers(0, 2 * max(jwe_sizes)), st.sampled_from(jwe_sizes),
-                                st.sampled_from(jwe_sizes).map(lambda s: s - 1)), label="embeddedLengthMax")
+    limit = data.draw(
+        st.one_of(
+            st.integers(0, 2 * max(jwe_sizes)),
+            st.sampled_from(jwe_sizes),
+            st.sampled_from(jwe_sizes).map(lambda s: s - 1),
+        ),
+        label="embeddedLengthMax",
+    )
     m = client.post(f"/shl/{created['id']}", json={"recipient": "prop", "embeddedLengthMax": limit})
     assert m.status_code == 200, m.get_json()
     entries = m.get_json()["files"]
@@ -162,7 +207,9 @@ def test_manifest_embedding_never_exceeds_embedded_length_max(shared_app: Flask,
 # --- import / export / merge ----------------------------------------------------------------
 
 _ids = st.from_regex(r"[A-Za-z0-9\-.]{1,20}", fullmatch=True)
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=30)
+_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=30
+)
 
 
 @st.composite
@@ -170,15 +217,25 @@ def _records(draw: Any) -> list[dict[str, Any]]:
     """A few simple resources with distinct ids: Patients and Observations about them."""
     patient_ids = draw(st.lists(_ids, min_size=1, max_size=3, unique=True))
     out: list[dict[str, Any]] = [
-        {"resourceType": "Patient", "id": pid, "name": [{"family": draw(_text)}],
-         "active": draw(st.booleans())}
+        {
+            "resourceType": "Patient",
+            "id": pid,
+            "name": [{"family": draw(_text)}],
+            "active": draw(st.booleans()),
+        }
         for pid in patient_ids
     ]
     for oid in draw(st.lists(_ids, max_size=6, unique=True)):
-        out.append({"resourceType": "Observation", "id": oid, "status": "final",
-                    "code": {"text": draw(_text)},
-                    "subject": {"reference": f"Patient/{draw(st.sampled_from(patient_ids))}"},
-                    "valueQuantity": {"value": draw(st.integers(-10_000, 10_000)), "unit": "mg"}})
+        out.append(
+            {
+                "resourceType": "Observation",
+                "id": oid,
+                "status": "final",
+                "code": {"text": draw(_text)},
+                "subject": {"reference": f"Patient/{draw(st.sampled_from(patient_ids))}"},
+                "valueQuantity": {"value": draw(st.integers(-10_000, 10_000)), "unit": "mg"},
+            }
+        )
     return out
 
 
@@ -208,9 +265,9 @@ def _account(app: Flask) -> Fhir:
 
 @settings(max_examples=15, deadline=None, database=None, suppress_health_check=FIXTURE_OK)
 @given(record=_records(), seed=st.integers(0, 2**32))
-def test_import_export_round_trip_idempotent_and_order_insensitive(shared_app: Flask,
-                                                                   record: list[dict[str, Any]],
-                                                                   seed: int) -> None:
+def test_import_export_round_trip_idempotent_and_order_insensitive(
+    shared_app: Flask, record: list[dict[str, Any]], seed: int
+) -> None:
     first = _account(shared_app)
     r = first.import_(_ndjson(record), source="prop")
     assert r.status_code == 200, r.get_json()
@@ -233,4 +290,3 @@ def test_import_export_round_trip_idempotent_and_order_insensitive(shared_app: F
     r = second.import_(_ndjson(shuffled), source="prop")
     assert r.status_code == 200
     assert _exported(second) == exported
-
