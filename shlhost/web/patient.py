@@ -57,6 +57,7 @@ bp = Blueprint("patient", __name__, url_prefix="/patient")
 CSRF_FIELD = "csrf_token"
 SIGNIN_LIMIT_DEFAULT = "10 per minute"
 ISSUES_SHOWN = 10
+DB_INT_MAX = 2**31 - 1
 
 STATE_LABELS = {
     "active": "Active",
@@ -482,6 +483,8 @@ def conflicts() -> str:
 @bp.post("/conflicts/<int:conflict_id>")
 @signed_in
 def resolve(conflict_id: int) -> WerkzeugResponse:
+    if conflict_id > DB_INT_MAX:  # past any database integer: no such conflict, not a 500
+        raise NotFound("No such conflict.")
     records = RecordStore(db(), account_id())
     records.resolve(conflict_id, request.form.get("resolution", ""), now=now())  # 404 if not ours
     record_changed(records.account_id)

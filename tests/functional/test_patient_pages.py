@@ -328,6 +328,11 @@ def test_another_account_cannot_see_or_change_links_or_records(
         f"/patient/conflicts/{conflict_id}", data={"csrf_token": t, "resolution": "keep-both"}
     )
     assert r.status_code == 404
+    for huge in ("2147483648", "99999999999999999999"):  # past any database integer
+        r = other.post(
+            f"/patient/conflicts/{huge}", data={"csrf_token": t, "resolution": "keep-both"}
+        )
+        assert r.status_code == 404, huge
     # A link made through the API without an account is nobody's here.
     api_link = (
         app.test_client()
