@@ -73,7 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from shlhost import logs, metrics
     from shlhost.api import common, dataplane, errors, fhir, management, openapi
     from shlhost.web import pages, security, viewer
-    from shlhost.web import patient
+    from shlhost.web import patient, receive
 
     logs.init_app(app)
     metrics.init_app(app)
@@ -87,5 +87,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     pages.init_app(app)
     viewer.init_app(app)
     patient.init_app(app)
+    receive.init_app(app)
     security.init_app(app)
     return app
