@@ -71,9 +71,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     from shlhost import logs, metrics
-    from shlhost.api import common, dataplane, errors, fhir, management, openapi
-    from shlhost.web import pages, security, viewer
-    from shlhost.web import patient, receive
+    from shlhost.api import common, dataplane, errors, fhir, management, openapi, pull
+    from shlhost.web import pages, patient, receive, security, viewer
 
     logs.init_app(app)
     metrics.init_app(app)
@@ -82,7 +81,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     dataplane.init_app(app)
     management.init_app(app)
     fhir.init_app(app)
-    __import__("shlhost.api.pull", fromlist=["init_app"]).init_app(app)  # POST /api/pull
+    pull.init_app(app)
     openapi.init_app(app)
     pages.init_app(app)
     viewer.init_app(app)

@@ -23,7 +23,7 @@ TOKEN_PREFIX = "shl_"  # noqa: S105 - a public prefix, not a secret
 
 def normalise_email(email: str) -> str:
     email = (email or "").strip().lower()
-    if not EMAIL_RE.fullmatch(email):
+    if "\x00" in email or not EMAIL_RE.fullmatch(email):
         raise BadRequest("that is not an email address", code="invalid_email")
     return email
 

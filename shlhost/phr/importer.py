@@ -99,6 +99,8 @@ class _Current:
 
 class Importer:
     def __init__(self, session: Session, account_id: int, options: ImportOptions, *, now: datetime) -> None:
+        if "\x00" in options.source:
+            raise BadRequest("source must not contain NUL characters", code="invalid_source")
         if options.strategy not in STRATEGIES:
             raise BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}", code="invalid_strategy")
         self.session = session

@@ -132,11 +132,18 @@ def parse_exp(value: Any, now: datetime) -> datetime | None:
     return when.astimezone(UTC).replace(microsecond=0)
 
 
+def check_recipient(recipient: Any) -> None:
+    if not isinstance(recipient, str) or not recipient.strip():
+        raise BadRequest("recipient is required: say who is asking", code="recipient_required")
+    if "\x00" in recipient:
+        raise BadRequest("recipient must not contain NUL characters", code="invalid_recipient")
+
+
 def check_label(label: Any) -> str | None:
     if label is None or label == "":
         return None
-    if not isinstance(label, str):
-        raise BadRequest("label must be a string", code="invalid_label")
+    if not isinstance(label, str) or "\x00" in label:
+        raise BadRequest("label must be a string without NUL characters", code="invalid_label")
     if len(label) > shl_payload.LABEL_MAX:
         raise BadRequest(
             f"label must be at most {shl_payload.LABEL_MAX} characters", code="invalid_label"
@@ -373,8 +380,7 @@ class LinkService:
     def manifest(
         self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any, now: datetime
     ) -> dict[str, Any]:
-        if not isinstance(recipient, str) or not recipient.strip():
-            raise BadRequest("recipient is required: say who is asking", code="recipient_required")
+        check_recipient(recipient)
         if embedded_max is not None and (
             isinstance(embedded_max, bool) or not isinstance(embedded_max, int) or embedded_max < 0
         ):
@@ -461,8 +467,7 @@ class LinkService:
 
     def direct(self, link_id: str, *, recipient: Any, now: datetime) -> str:
         """The one file of a U link."""
-        if not isinstance(recipient, str) or not recipient.strip():
-            raise BadRequest("recipient is required: say who is asking", code="recipient_required")
+        check_recipient(recipient)
         link, files = self._live_link(link_id, now, recipient, "direct")
         if not link.direct:
             self.session.rollback()

@@ -63,3 +63,26 @@ def test_unexpected_errors_log_the_route_not_the_link_id(api, monkeypatch, caplo
     logged = " ".join(rec.getMessage() for rec in caplog.records)
     assert "/shl/<link_id>" in logged and created["id"] not in logged
 
+
+
+def test_nul_characters_are_refused_not_a_500(api, client, runner):
+    """PostgreSQL text cannot hold NUL: every user string stored as text refuses it."""
+    from tests.functional.conftest import new_account
+
+    created = api.create(flags="")
+    r = api.manifest(created, recipient="a\x00b")
+    assert r.status_code == 400 and r.get_json()["error"] == "invalid_recipient"
+    u = api.create(flags="U")
+    r = client.get(f"/shl/{u['id']}?recipient=a%00b")
+    assert r.status_code == 400
+    r = client.post("/api/links", json={"files": [{"contentType": "application/fhir+json",
+                                                   "content": {"resourceType": "Bundle"}}], "label": "a\x00b"})
+    assert r.status_code == 400 and r.get_json()["error"] == "invalid_label"
+    _email, token = new_account(runner)
+    r = client.post("/fhir/Bundle/$import?source=a%00b", data=b'{"resourceType":"Patient","id":"x"}',
+                    content_type="application/x-ndjson", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 400 and r.get_json()["resourceType"] == "OperationOutcome"
+    from shlhost.cli import cli
+
+    result = runner.invoke(cli, ["user", "create", "nul\x00@example.org"], input="a long password\n")
+    assert result.exit_code == 2
