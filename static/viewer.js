@@ -23,7 +23,6 @@
   var state = { link: null, keyBytes: null, passcode: null, lastRemaining: null, busy: false };
   var blobUrls = [];
   var generation = 0; // bumped on every new link: late answers for an old link are dropped
-  var scanner = { stream: null, timer: null };
 
   // ------------------------------------------------------------------ small helpers
 
@@ -1041,77 +1040,6 @@
     return true;
   }
 
-  // ------------------------------------------------------------------ QR scanning
-
-  function loadJsQR() {
-    if (typeof window.jsQR === "function") return Promise.resolve(window.jsQR);
-    return new Promise(function (resolve, reject) {
-      var script = document.createElement("script");
-      script.src = $("viewer").getAttribute("data-jsqr");
-      script.onload = function () { resolve(window.jsQR); };
-      script.onerror = function () { reject(new Error("the QR decoder did not load")); };
-      document.head.appendChild(script);
-    });
-  }
-
-  function stopScan() {
-    if (scanner.timer) clearInterval(scanner.timer);
-    scanner.timer = null;
-    if (scanner.stream) scanner.stream.getTracks().forEach(function (t) { t.stop(); });
-    scanner.stream = null;
-    var video = $("scan-video");
-    video.srcObject = null;
-    video.hidden = true;
-    $("scan-stop").hidden = true;
-    $("scan-button").hidden = false;
-  }
-
-  async function startScan() {
-    var status = $("scan-status");
-    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
-      status.textContent = "This browser cannot use a camera on this page (cameras need HTTPS). Paste the link instead.";
-      return;
-    }
-    status.textContent = "Starting the camera…";
-    var decode;
-    try {
-      decode = await loadJsQR();
-      scanner.stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" }, audio: false });
-    } catch (err) {
-      stopScan();
-      status.textContent = err && err.name === "NotAllowedError"
-        ? "The camera was not allowed. Allow it in the browser's site settings, or paste the link instead."
-        : "No camera could be started (" + str(err && (err.name || err.message)) + "). Paste the link instead.";
-      return;
-    }
-    var video = $("scan-video");
-    video.srcObject = scanner.stream;
-    video.hidden = false;
-    $("scan-button").hidden = true;
-    $("scan-stop").hidden = false;
-    try { await video.play(); } catch (e) { /* autoplay rules: frames still arrive */ }
-    status.textContent = "Point the camera at the QR code.";
-    var canvas = document.createElement("canvas");
-    var ctx = canvas.getContext("2d", { willReadFrequently: true });
-    scanner.timer = setInterval(function () {
-      if (video.readyState < 2 || !video.videoWidth) return;
-      var scale = Math.min(1, 800 / Math.max(video.videoWidth, video.videoHeight));
-      canvas.width = Math.round(video.videoWidth * scale);
-      canvas.height = Math.round(video.videoHeight * scale);
-      ctx.drawImage(video, 0, 0, canvas.width, canvas.height);
-      var frame = ctx.getImageData(0, 0, canvas.width, canvas.height);
-      var code = decode(frame.data, frame.width, frame.height, { inversionAttempts: "attemptBoth" });
-      if (!code || !code.data) return;
-      if (code.data.indexOf(PREFIX) < 0) {
-        status.textContent = "That QR code is not a SMART Health Link. Keep looking.";
-        return;
-      }
-      stopScan();
-      status.textContent = "Link found.";
-      openText(code.data);
-    }, 200);
-  }
-
   // ------------------------------------------------------------------ wiring
 
   function init() {
@@ -1123,10 +1051,9 @@
       ev.preventDefault();
       if (openText($("paste").value)) $("paste").value = "";
     });
-    $("scan-button").addEventListener("click", function () { startScan(); });
-    $("scan-stop").addEventListener("click", function () {
-      stopScan();
-      $("scan-status").textContent = "";
+    window.ShlScanner({
+      button: "scan-button", stop: "scan-stop", status: "scan-status", video: "scan-video",
+      jsqr: $("viewer").getAttribute("data-jsqr"), onLink: openText,
     });
     window.addEventListener("hashchange", route);
     route();
