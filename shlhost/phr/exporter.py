@@ -26,6 +26,18 @@ from shlhost.phr.store import render
 from shlhost.storage.models import ResourceRow
 
 CHUNK = 1000
+# What an export reads of each row: everything render() and the filters need.
+ROW_COLUMNS = (
+    ResourceRow.resource_type,
+    ResourceRow.resource_id,
+    ResourceRow.version_id,
+    ResourceRow.last_updated,
+    ResourceRow.content,
+    ResourceRow.source,
+    ResourceRow.current,
+    ResourceRow.patient_id,
+    ResourceRow.clinical_date,
+)
 FORMATS = ("bundle", "ndjson", "phr", "sphr")
 # Provenance that shlhost wrote for its own imports is server metadata, not the record.
 IMPORT_PROVENANCE = re.compile(r"import-\d+")
@@ -191,17 +203,7 @@ class Exporter:
             with self.sessions() as session:
                 # A range scan of ix_resources_current_type: no sort, however large the record.
                 chunk = session.execute(
-                    select(
-                        ResourceRow.resource_type,
-                        ResourceRow.resource_id,
-                        ResourceRow.version_id,
-                        ResourceRow.last_updated,
-                        ResourceRow.content,
-                        ResourceRow.source,
-                        ResourceRow.current,
-                        ResourceRow.patient_id,
-                        ResourceRow.clinical_date,
-                    )
+                    select(*ROW_COLUMNS)
                     .where(
                         ResourceRow.account_id == self.account_id,
                         ResourceRow.resource_type == rtype,
@@ -228,17 +230,7 @@ class Exporter:
                     yield from (
                         r
                         for r in session.execute(
-                            select(
-                                ResourceRow.resource_type,
-                                ResourceRow.resource_id,
-                                ResourceRow.version_id,
-                                ResourceRow.last_updated,
-                                ResourceRow.content,
-                                ResourceRow.source,
-                                ResourceRow.current,
-                                ResourceRow.patient_id,
-                                ResourceRow.clinical_date,
-                            ).where(
+                            select(*ROW_COLUMNS).where(
                                 ResourceRow.account_id == self.account_id,
                                 ResourceRow.resource_type == rtype,
                                 ResourceRow.resource_id.in_(ids[start : start + CHUNK]),
