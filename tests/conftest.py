@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,25 @@ def _with_search_path(url: str, schema: str) -> str:
     return f"{url}{sep}options=-csearch_path%3D{schema}"
 
 
+@contextmanager
+def _migrated_schema(base: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema, migrated, as a URL whose search_path points at it; dropped after."""
+    schema = f"shlhost_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = _with_search_path(base, schema)
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = os.environ.get("SHLHOST_TEST_DATABASE_URL")
@@ -80,18 +100,8 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if IN_CI:
             raise RuntimeError(f"CI: the test database {base} is not reachable")
         pytest.skip(f"SHLHOST_TEST_DATABASE_URL is set but {base} is not reachable")
-    schema = f"shlhost_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = _with_search_path(base, schema)
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with _migrated_schema(base) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -102,19 +112,8 @@ def second_database_url(database_url: str, tmp_path_factory: pytest.TempPathFact
         migrate.upgrade(make_engine(url))
         yield url
         return
-    base = normalise_url(os.environ["SHLHOST_TEST_DATABASE_URL"])
-    schema = f"shlhost_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = _with_search_path(base, schema)
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with _migrated_schema(normalise_url(os.environ["SHLHOST_TEST_DATABASE_URL"])) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
