@@ -36,6 +36,17 @@ def _json(schema: dict[str, Any], description: str, media: str = JSON) -> dict[s
     return {"description": description, "content": {media: {"schema": schema}}}
 
 
+def _json_body(
+    properties: dict[str, Any], *, required: list[str] | None = None, body_required: bool = True
+) -> dict[str, Any]:
+    """A request body that is one JSON object with these properties."""
+    schema: dict[str, Any] = {"type": "object"}
+    if required:
+        schema["required"] = required
+    schema["properties"] = properties
+    return {"required": body_required, "content": {JSON: {"schema": schema}}}
+
+
 def _error(description: str) -> dict[str, Any]:
     return _json(_ERROR, description)
 
@@ -344,23 +355,15 @@ SPEC: dict[str, Any] = {
                 "summary": "change active, exp, label, passcode, max_uses",
                 "operationId": "patchLink",
                 "security": MGMT_SECURITY,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "active": {"type": "boolean"},
-                                    "exp": {},
-                                    "label": {"type": ["string", "null"]},
-                                    "passcode": {"type": ["string", "null"]},
-                                    "max_uses": {"type": ["integer", "null"]},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body(
+                    {
+                        "active": {"type": "boolean"},
+                        "exp": {},
+                        "label": {"type": ["string", "null"]},
+                        "passcode": {"type": ["string", "null"]},
+                        "max_uses": {"type": ["integer", "null"]},
+                    }
+                ),
                 "responses": {"200": _json(_LINK, "the changed link"), **_MGMT_ERRORS},
             },
             "delete": {
@@ -454,22 +457,14 @@ SPEC: dict[str, Any] = {
             "post": {
                 "summary": "SHL manifest",
                 "operationId": "manifest",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["recipient"],
-                                "properties": {
-                                    "recipient": {"type": "string"},
-                                    "passcode": {"type": "string"},
-                                    "embeddedLengthMax": {"type": "integer", "minimum": 0},
-                                },
-                            }
-                        }
+                "requestBody": _json_body(
+                    {
+                        "recipient": {"type": "string"},
+                        "passcode": {"type": "string"},
+                        "embeddedLengthMax": {"type": "integer", "minimum": 0},
                     },
-                },
+                    required=["recipient"],
+                ),
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/Manifest"}, "the manifest"),
                     "400": _error("bad input"),
@@ -601,17 +596,7 @@ SPEC: dict[str, Any] = {
                 "operationId": "resolveConflict",
                 "security": API_SECURITY,
                 "parameters": [_param("resolution", "query")],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"resolution": {"type": "string"}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body({"resolution": {"type": "string"}}, body_required=False),
                 "responses": {
                     "200": _json(_RESOURCE, "the conflict as Parameters", FHIR),
                     **_FHIR_ERRORS,
@@ -712,21 +697,9 @@ OPTIONAL_PATHS: dict[str, dict[str, Any]] = {
                 "summary": "import what a SMART Health Link carries into the token's account",
                 "operationId": "pull",
                 "security": API_SECURITY,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["link"],
-                                "properties": {
-                                    "link": {"type": "string"},
-                                    "passcode": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body(
+                    {"link": {"type": "string"}, "passcode": {"type": "string"}}, required=["link"]
+                ),
                 "responses": {
                     "200": _json(_OUTCOME, "the import's counts", FHIR),
                     **_MGMT_ERRORS,
