@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from shlhost import accounts
 from shlhost.cli import cli
 from shlhost.storage.models import Link, LinkFile
 from tests.conftest import LiveServer, make_app
+from tests.functional.conftest import new_account
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
@@ -87,19 +86,10 @@ def config(base_config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
 
 def _token(config: dict[str, Any]) -> str:
     app = make_app(config)
-    rt = app.extensions["shlhost"]
     try:
-        with rt.sessions() as session:
-            account = accounts.create_account(
-                session,
-                rt.hasher,
-                f"crash-{os.urandom(4).hex()}@example.org",
-                "a long password",
-                now=datetime.now(UTC),
-            )
-            return accounts.create_token(session, account, now=datetime.now(UTC))
+        return new_account(app.test_cli_runner())[1]
     finally:
-        rt.engine.dispose()
+        app.extensions["shlhost"].engine.dispose()
 
 
 def _total(server: LiveServer, token: str, rtype: str) -> int:

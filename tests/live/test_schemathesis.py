@@ -8,10 +8,8 @@ match the description.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,8 +17,8 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from shlhost import accounts
 from tests.conftest import LiveServer, make_app
+from tests.functional.conftest import new_account
 from tests.helpers import minimal_bundle
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -54,19 +52,10 @@ def fuzz_server(base_config: dict[str, Any]) -> Iterator[LiveServer]:
 def credentials(base_config: dict[str, Any], fuzz_server: LiveServer) -> dict[str, str]:
     """An API token of a fresh account, and a link with its management token."""
     app = make_app(base_config)
-    rt = app.extensions["shlhost"]
     try:
-        with rt.sessions() as session:
-            account = accounts.create_account(
-                session,
-                rt.hasher,
-                f"fuzz-{os.urandom(4).hex()}@example.org",
-                "a long password",
-                now=datetime.now(UTC),
-            )
-            api_token = accounts.create_token(session, account, now=datetime.now(UTC))
+        api_token = new_account(app.test_cli_runner())[1]
     finally:
-        rt.engine.dispose()
+        app.extensions["shlhost"].engine.dispose()
     r = requests.post(
         f"{fuzz_server.url}/api/links",
         timeout=30,
