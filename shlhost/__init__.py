@@ -66,6 +66,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             ticket_lifetime=int(app.config["TICKET_LIFETIME"]),
             passcode_attempts=int(app.config["PASSCODE_ATTEMPTS"]),
             hasher=ph,
+            embed_max=int(app.config["EMBED_MAX_BYTES"]),
         ),
         hasher=ph,
     )

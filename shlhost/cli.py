@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -151,13 +151,15 @@ def link_create(files: tuple[str, ...], label: str | None, passcode: str | None,
         passcode = sys.stdin.readline().rstrip("\n")
     limit = int(current_app.config["MAX_CONTENT_LENGTH"])
     try:
-        prepared = [prepare_upload(Path(f).name, Path(f).read_bytes(), password=sphr_password, max_size=limit)
-                    for f in files]
-        options = LinkOptions(label=label, passcode=passcode, exp=parse_exp(exp, _now()), flags=flags,
-                              max_uses=max_uses)
-        with _service() as service:
-            created = service.create(prepared, options, now=_now())
-            out = service.describe(created.link, _now())
+        with ExitStack() as stack:
+            streams = [stack.enter_context(Path(f).open("rb")) for f in files]
+            prepared = [prepare_upload(Path(f).name, stream, password=sphr_password, max_size=limit)
+                        for f, stream in zip(files, streams, strict=True)]
+            options = LinkOptions(label=label, passcode=passcode, exp=parse_exp(exp, _now()),
+                                  flags=flags, max_uses=max_uses)
+            with _service() as service:
+                created = service.create(prepared, options, now=_now())
+                out = service.describe(created.link, _now())
     except ShlhostError as exc:
         _fail(exc)
     out["management_token"] = created.management_token

@@ -62,6 +62,9 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "PASSCODE_ATTEMPTS": 5,
         # Largest request body accepted, bytes.
         "MAX_CONTENT_LENGTH": 256 * 1024 * 1024,
+        # Largest JWE embedded in a manifest, bytes, whatever embeddedLengthMax a client asks:
+        # a larger file always goes by location (streamed), so no answer holds it in memory.
+        "EMBED_MAX_BYTES": 4 * 1024 * 1024,
         # "default" (argon2-cffi's RFC 9106 low-memory profile) or "cheapest" (tests only).
         "ARGON2_PROFILE": "default",
         # flask-limiter storage: "memory://" or "redis://127.0.0.1:6379".

@@ -7,7 +7,13 @@ carries ``Access-Control-Allow-Origin: *``; OPTIONS preflights are answered.
 
 from __future__ import annotations
 
+import io
+import os
+from collections.abc import Iterator
+from typing import IO
+
 from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.wsgi import wrap_file
 
 from shlhost import metrics
 from shlhost.api import limits
@@ -15,6 +21,7 @@ from shlhost.api.common import json_body, links, now
 
 bp = Blueprint("shl", __name__, url_prefix="/shl")
 JOSE = "application/jose"
+PIECE = 1 << 16
 
 
 @bp.post("/<link_id>")
@@ -35,14 +42,44 @@ def manifest(link_id: str) -> Response:
 @bp.get("/<link_id>")
 @limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
 def direct(link_id: str) -> Response:
-    token = links().direct(link_id, recipient=request.args.get("recipient"), now=now())
-    return Response(token, mimetype=JOSE)
+    return _stream(links().direct(link_id, recipient=request.args.get("recipient"), now=now()))
 
 
 @bp.get("/<link_id>/files/<file_id>")
 def file(link_id: str, file_id: str) -> Response:
-    token = links().fetch_file(link_id, file_id, request.args.get("ticket"), now=now())
-    return Response(token, mimetype=JOSE)
+    return _stream(links().fetch_file(link_id, file_id, request.args.get("ticket"), now=now()))
+
+
+def _stream(blob: IO[bytes]) -> Response:
+    """A JWE straight from the blob store, never whole in memory: through the server's file
+    wrapper where it has one (gunicorn sends a local file with sendfile), else a piece at a
+    time. Either way the blob is closed when the answer ends."""
+    size = _remaining(blob)
+    body = (
+        wrap_file(request.environ, blob, PIECE)
+        if "wsgi.file_wrapper" in request.environ
+        else _pieces(blob)
+    )
+    resp = Response(body, mimetype=JOSE, direct_passthrough=True)
+    if size is not None:
+        resp.content_length = size
+    return resp
+
+
+def _pieces(blob: IO[bytes]) -> Iterator[bytes]:
+    with blob:
+        while piece := blob.read(PIECE):
+            yield piece
+
+
+def _remaining(blob: IO[bytes]) -> int | None:
+    try:
+        return os.fstat(blob.fileno()).st_size - blob.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    if isinstance(blob, io.BytesIO):
+        return blob.getbuffer().nbytes - blob.tell()
+    return None
 
 
 def add_cors(resp: Response) -> Response:

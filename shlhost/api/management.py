@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, url
 from shlhost import qr
 from shlhost.accounts import TOKEN_PREFIX, account_for_token
 from shlhost.api.common import bearer_token, db, json_body, links, now, runtime
+from shlhost.crypto import jwe
 from shlhost.errors import BadRequest, Conflict, Unauthorized, UnsupportedMediaType
 from shlhost.phr import sharing
 from shlhost.phr.formats import prepare_json, prepare_upload
@@ -44,13 +45,30 @@ def _files_from_json(items: Any) -> list[NewFile]:
     return files
 
 
+JWE_SUFFIXES = (".jwe", ".jose")
+
+
 def _files_from_form() -> list[NewFile]:
+    """Uploaded files, read as streams: werkzeug spools each part to a temporary file as it
+    parses the body (refusing a body over MAX_CONTENT_LENGTH as it reads), and what is made
+    of it (a Bundle from a record, a JWE) is written a chunk at a time as well.
+
+    A file named ``*.jwe`` (or sent as ``application/jose``) is a pre-encrypted compact
+    JWE; its content type is the ``contentType`` form field, else its header's ``cty``."""
     password = request.form.get("sphr_password") or None
     limit = int(current_app.config["MAX_CONTENT_LENGTH"])
     files: list[NewFile] = []
     for upload in request.files.getlist("file"):
-        data = upload.read()
-        files.append(prepare_upload(upload.filename or "", data, password=password, max_size=limit))
+        name = upload.filename or ""
+        if name.lower().endswith(JWE_SUFFIXES) or upload.mimetype == "application/jose":
+            header = jwe.check_stream(upload.stream).header
+            ctype = request.form.get("contentType") or header.get("cty")
+            if not isinstance(ctype, str) or not ctype:
+                raise BadRequest(f"say the content type of {name or 'the JWE'}: a contentType field "
+                                 "or a cty in its header", code="invalid_files")
+            files.append(EncryptedFile(ctype, upload.stream))
+        else:
+            files.append(prepare_upload(name, upload.stream, password=password, max_size=limit))
     return files
 
 

@@ -6,11 +6,15 @@ Readers are lenient the way the PHR guide's real-world files need: a broken line
 
 from __future__ import annotations
 
-import base64
+import contextlib
+import hashlib
 import io
 import json
 import posixpath
+import re
+import secrets
 import struct
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -19,6 +23,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
+import pybase64
 import pyzipper
 
 from shlhost.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -59,22 +64,6 @@ class Problem:
         if self.line is not None:
             parts.append(f"line {self.line}")
         return ", ".join(parts)
-
-
-@dataclass
-class Attachment:
-    name: str  # path inside the archive
-    data: bytes
-    content_type: str
-
-
-@dataclass
-class Record:
-    """What a file held: resources in order, the attachments beside them, and the problems."""
-
-    resources: list[dict[str, Any]] = field(default_factory=list)
-    attachments: dict[str, Attachment] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
 
 
 def clean_resource(obj: Any, line: int | None, source: str | None) -> tuple[dict[str, Any] | None, list[Problem]]:
@@ -147,29 +136,6 @@ def iter_ndjson_stream(stream: IO[bytes], source: str | None, max_line: int) -> 
             yield number, resource, [Problem(p.message, number, p.severity, p.source) for p in problems]
 
 
-def read_ndjson(data: bytes, source: str | None = None) -> Record:
-    record = Record()
-    for _n, resource, problems in iter_ndjson(io.BytesIO(data), source):
-        record.problems.extend(problems)
-        if resource is not None:
-            record.resources.append(resource)
-    return record
-
-
-def read_bundle(obj: dict[str, Any], source: str | None = None) -> Record:
-    record = Record()
-    for index, entry in enumerate(obj.get("entry") or [], start=1):
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if resource is None:
-            record.problems.append(Problem(f"Bundle entry {index} has no resource", source=source))
-            continue
-        cleaned, problems = clean_resource(resource, None, source)
-        record.problems.extend(problems)
-        if cleaned is not None:
-            record.resources.append(cleaned)
-    return record
-
-
 def guess_type(name: str) -> str:
     lower = name.lower()
     for suffix, mime in (
@@ -188,6 +154,20 @@ def _junk(name: str) -> bool:
     return name.startswith("__MACOSX/") or base in (".DS_Store", "Thumbs.db") or base.startswith("._")
 
 
+@contextlib.contextmanager
+def _archive_errors() -> Iterator[None]:
+    """What reading a member can raise, as the clear errors an upload deserves."""
+    try:
+        yield
+    except RuntimeError as exc:  # pyzipper: "Bad password for file ..."
+        if "password" in str(exc).lower():
+            raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
+        raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
+    except DAMAGED:
+        # Checksum or authentication failures of a tampered archive land here.
+        raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
+
+
 @dataclass
 class SphrArchive:
     """A checked .sphr: its .phr members and its attachments (junk left out)."""
@@ -197,28 +177,23 @@ class SphrArchive:
     attachment_names: list[str]
 
     def read(self, name: str) -> bytes:
-        try:
+        with _archive_errors():
             data: bytes = self.archive.read(name)
             return data
-        except RuntimeError as exc:  # pyzipper: "Bad password for file ..."
-            if "password" in str(exc).lower():
-                raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
-            raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except DAMAGED:
-            # Checksum or authentication failures of a tampered archive land here.
-            raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
 
     def lines(self, name: str) -> Iterator[bytes]:
         """A .phr member line by line, without inflating it whole."""
-        try:
-            with self.archive.open(name) as member:
-                yield from io.BufferedReader(member, 1 << 16)  # type: ignore[arg-type]
-        except RuntimeError as exc:
-            if "password" in str(exc).lower():
-                raise BadRequest("wrong password for this .sphr", code="sphr_wrong_password") from None
-            raise BadRequest("the .sphr could not be read", code="invalid_sphr") from None
-        except DAMAGED:
-            raise BadRequest("the .sphr is damaged or has been tampered with", code="invalid_sphr") from None
+        with _archive_errors(), self.archive.open(name) as member:
+            yield from io.BufferedReader(member, 1 << 16)
+
+    def chunks(self, name: str, size: int) -> Iterator[bytes]:
+        """A member in pieces of at most ``size`` bytes, without inflating it whole."""
+        with _archive_errors(), self.archive.open(name) as member:
+            while chunk := member.read(size):
+                yield chunk
+
+    def size(self, name: str) -> int:
+        return int(self.archive.getinfo(name).file_size)
 
     def close(self) -> None:
         self.archive.close()
@@ -264,36 +239,6 @@ def open_sphr(fileobj: IO[bytes], password: str | None, max_size: int) -> SphrAr
         raise
 
 
-def read_sphr(data: bytes, password: str | None, max_size: int) -> Record:
-    """Read a whole .sphr into memory (for link uploads; the importer streams instead)."""
-    sphr = open_sphr(io.BytesIO(data), password, max_size)
-    try:
-        record = Record()
-        for name in sphr.phr_names:
-            sub = read_ndjson(sphr.read(name), source=name)
-            record.resources.extend(sub.resources)
-            record.problems.extend(sub.problems)
-        for name in sphr.attachment_names:
-            record.attachments[name] = Attachment(name, sphr.read(name), guess_type(name))
-        _link_attachments(record, sphr.phr_names)
-        return record
-    finally:
-        sphr.close()
-
-
-def _link_attachments(record: Record, phr_names: list[str]) -> None:
-    """Point Media/DocumentReference/Binary attachments with relative URLs at archive members."""
-    base = posixpath.dirname(phr_names[0])
-    for resource in record.resources:
-        for attachment in attachments_of(resource):
-            url = attachment.get("url")
-            if not isinstance(url, str) or "://" in url or url.startswith(("urn:", "#")):
-                continue
-            member = posixpath.normpath(posixpath.join(base, url))
-            if member in record.attachments:
-                attachment["_archiveMember"] = member
-
-
 def attachments_of(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
     rtype = resource.get("resourceType")
     if rtype == "Media" and isinstance(resource.get("content"), dict):
@@ -308,62 +253,32 @@ def attachments_of(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield att
 
 
-def inline_attachments(record: Record) -> None:
-    """Embed referenced archive members as base64 ``data`` so a Bundle stands alone."""
-    used: set[str] = set()
-    for resource in record.resources:
-        for attachment in attachments_of(resource):
-            member = attachment.pop("_archiveMember", None)
-            if member:
-                att = record.attachments[member]
-                attachment["data"] = base64.b64encode(att.data).decode("ascii")
-                attachment.setdefault("contentType", att.content_type)
-                attachment.setdefault("size", len(att.data))
-                attachment.pop("url", None)
-                used.add(member)
-    for name, att in record.attachments.items():
-        if name not in used:
-            record.resources.append(
-                {
-                    "resourceType": "Binary",
-                    "contentType": att.content_type,
-                    "data": base64.b64encode(att.data).decode("ascii"),
-                }
-            )
+# -- uploads made into files a link can carry ---------------------------------------------
+# Everything below streams: a record of any size is read from its (spooled) upload and
+# written as a Bundle to a spooled temporary file, one resource at a time; attachments go
+# from the archive into the Bundle as base64 in pieces. Memory holds one resource at a time
+# plus a digest per resource (to drop exact repeats), never the record or the Bundle.
 
-
-def dedupe(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop exact repeats; differing resources that share an id are both kept."""
-    seen: set[bytes] = set()
-    out = []
-    for resource in resources:
-        digest = json.dumps(resource, sort_keys=True, separators=(",", ":")).encode()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        out.append(resource)
-    return out
-
-
-def record_to_bundle(record: Record) -> dict[str, Any]:
-    """A FHIR R4 collection Bundle that any conformant viewer can read."""
-    inline_attachments(record)
-    resources = dedupe(record.resources)
-    return {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "entry": [{"resource": r} for r in resources],
-    }
+SPOOL_MEMORY = 1 << 20  # a prepared file stays in memory up to this size, then goes to disk
+JSON_IN_MEMORY = 16 << 20  # JSON uploads up to this size are checked in memory (faster)
+BASE64_STEP = 3 * 16 * 1024
 
 
 @dataclass
 class PreparedFile:
-    """A file ready to encrypt: its SHL content type and its plaintext bytes."""
+    """A file ready to encrypt: its SHL content type and its plaintext, as a binary stream
+    positioned at its start (a spooled temporary file for converted records)."""
 
     content_type: str
-    body: bytes
+    source: IO[bytes]
     problems: list[Problem] = field(default_factory=list)
+
+    @classmethod
+    def from_bytes(cls, content_type: str, body: bytes, problems: list[Problem] | None = None) -> PreparedFile:
+        return cls(content_type, io.BytesIO(body), problems or [])
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -387,49 +302,235 @@ def prepare_json(content_type: str, content: Any) -> PreparedFile:
             )
     elif not isinstance(content, dict):
         raise BadRequest("application/smart-api-access content must be a JSON object", code="invalid_content")
-    return PreparedFile(content_type, _dumps(content))
+    return PreparedFile.from_bytes(content_type, _dumps(content))
 
 
-def prepare_upload(filename: str, data: bytes, *, password: str | None = None, max_size: int) -> PreparedFile:
-    """Turn an uploaded file into something every SHL viewer can read.
+def _is_blank(stream: IO[bytes]) -> bool:
+    stream.seek(0)
+    while chunk := stream.read(1 << 16):
+        if chunk.strip():
+            stream.seek(0)
+            return False
+    stream.seek(0)
+    return True
+
+
+def prepare_upload(filename: str, stream: IO[bytes], *, password: str | None = None, max_size: int) -> PreparedFile:
+    """Turn an uploaded file (a seekable binary stream) into something every SHL viewer can read.
 
     A Bundle or resource stays as it is; a SMART Health Card file stays a card;
-    NDJSON, .phr and .sphr become one collection Bundle.
+    NDJSON, .phr and .sphr become one collection Bundle, written as they are read.
     """
     name = (filename or "").lower()
-    if not data.strip():
+    label = filename or "the file"
+    if _is_blank(stream):
         raise BadRequest(f"the file {filename or '(unnamed)'} is empty", code="empty_file")
-    if name.endswith(ZIP_SUFFIXES) or data.startswith(ZIP_MAGIC):
-        record = read_sphr(data, password, max_size)
-        return _record_file(record)
+    head = stream.read(1 << 16)
+    stream.seek(0)
+    if name.endswith(ZIP_SUFFIXES) or head.startswith(ZIP_MAGIC):
+        return _sphr_file(stream, password, max_size)
     if name.endswith(NDJSON_SUFFIXES):
-        return _record_file(read_ndjson(data, source=filename))
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        obj = None
-    if isinstance(obj, dict):
-        if isinstance(obj.get("verifiableCredential"), list):
-            return PreparedFile(SHC, _dumps(obj))
-        if name.endswith(".smart-health-card"):
-            raise BadRequest("a .smart-health-card file must hold a verifiableCredential list", code="invalid_content")
-        if isinstance(obj.get("resourceType"), str):
-            return PreparedFile(FHIR_JSON, _dumps(obj))
+        return _ndjson_file(stream, filename)
+    kind, stream = _json_kind(stream)
+    if kind == "not-json" and head.lstrip()[:1] == b"{" and _has_two_lines(stream):
+        return _ndjson_file(stream, filename)
+    if kind == SHC:
+        return PreparedFile(SHC, stream)
+    if name.endswith(".smart-health-card") and kind != "not-json":
+        raise BadRequest("a .smart-health-card file must hold a verifiableCredential list", code="invalid_content")
+    if kind == FHIR_JSON:
+        return PreparedFile(FHIR_JSON, stream)
+    if kind == "other-json":
         raise UnsupportedMediaType(
-            f"{filename or 'the file'} is JSON but neither a FHIR resource nor a SMART Health Card",
+            f"{label} is JSON but neither a FHIR resource nor a SMART Health Card",
             code="unknown_content_type",
         )
-    if obj is None and data.lstrip()[:1] == b"{" and b"\n" in data.strip():
-        return _record_file(read_ndjson(data, source=filename))
     raise UnsupportedMediaType(
-        f"{filename or 'the file'} is not a FHIR Bundle, NDJSON/.phr, .sphr or SMART Health Card file",
+        f"{label} is not a FHIR Bundle, NDJSON/.phr, .sphr or SMART Health Card file",
         code="unknown_content_type",
     )
 
 
-def _record_file(record: Record) -> PreparedFile:
-    if not record.resources:
-        first = record.problems[0].message if record.problems else "no resources"
-        raise BadRequest(f"the record holds no readable FHIR resources ({first})", code="invalid_content")
-    bundle = record_to_bundle(record)
-    return PreparedFile(FHIR_JSON, _dumps(bundle), record.problems)
+def _json_kind(stream: IO[bytes]) -> tuple[str, IO[bytes]]:
+    """What a JSON upload holds (SHC, FHIR_JSON, "other-json" for another object, "not-json"
+    for anything else) and the stream to encrypt: the upload itself when it is UTF-8 JSON
+    already, else a UTF-8 rewrite of it (a byte order mark, UTF-16 or UTF-32)."""
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(0)
+    if size > JSON_IN_MEMORY:
+        kind = _json_kind_streamed(stream)
+        stream.seek(0)
+        if kind is not None:
+            return kind, stream
+    data = stream.read()
+    stream.seek(0)
+    try:
+        return _kind_of(orjson.loads(data)), stream
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return "not-json", stream
+    return _kind_of(obj), io.BytesIO(_dumps(obj))
+
+
+def _kind_of(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return "not-json"
+    if isinstance(obj.get("verifiableCredential"), list):
+        return SHC
+    if isinstance(obj.get("resourceType"), str):
+        return FHIR_JSON
+    return "other-json"
+
+
+def _json_kind_streamed(stream: IO[bytes]) -> str | None:
+    """``_json_kind`` for a large file, parsed as a stream (None: let the in-memory path judge)."""
+    import ijson
+
+    top: dict[str, Any] = {}
+    try:
+        for prefix, event, value in ijson.parse(stream):
+            if prefix == "resourceType" and event == "string":
+                top["resourceType"] = value
+            elif prefix == "verifiableCredential" and event == "start_array":
+                top["verifiableCredential"] = []
+            elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
+                top.clear()
+                top["not an object"] = True
+    except (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError):
+        return None
+    return "not-json" if "not an object" in top else _kind_of(top)
+
+
+def _has_two_lines(stream: IO[bytes]) -> bool:
+    stream.seek(0)
+    lines = 0
+    for line in stream:
+        lines += bool(line.strip())
+        if lines > 1:
+            break
+    stream.seek(0)
+    return lines > 1
+
+
+def _ndjson_file(stream: IO[bytes], filename: str) -> PreparedFile:
+    with BundleWriter() as bundle:
+        for _number, resource, problems in iter_ndjson(stream, source=filename):
+            bundle.problems.extend(problems)
+            if resource is not None:
+                bundle.add(resource)
+        return bundle.finish()
+
+
+def _sphr_file(stream: IO[bytes], password: str | None, max_size: int) -> PreparedFile:
+    sphr = open_sphr(stream, password, max_size)
+    try:
+        base = posixpath.dirname(sphr.phr_names[0])
+        members = set(sphr.attachment_names)
+        with BundleWriter(sphr) as bundle:
+            for name in sphr.phr_names:
+                for _number, resource, problems in iter_ndjson(sphr.lines(name), source=name):
+                    bundle.problems.extend(problems)
+                    if resource is None:
+                        continue
+                    for attachment in attachments_of(resource):
+                        url = attachment.get("url")
+                        if isinstance(url, str) and "://" not in url and not url.startswith(("urn:", "#")):
+                            member = posixpath.normpath(posixpath.join(base, url))
+                            if member in members:
+                                attachment.pop("url")
+                                attachment[_MEMBER] = member
+                    bundle.add(resource)
+            if bundle.count:
+                for name in sphr.attachment_names:
+                    if name not in bundle.inlined:
+                        bundle.add({"resourceType": "Binary", "contentType": guess_type(name), _MEMBER: name})
+            return bundle.finish()
+    finally:
+        sphr.close()
+
+
+_MEMBER = "\x00member"  # marks where an archive member's bytes go; never valid FHIR
+
+
+class BundleWriter:
+    """Writes a FHIR R4 collection Bundle to a spooled temporary file one resource at a
+    time, dropping exact repeats (differing resources that share an id are both kept).
+
+    An attachment (or Binary) holding ``_MEMBER: <archive member>`` gets that member's
+    bytes as base64 ``data``, streamed from the archive, plus ``contentType`` and ``size``.
+    """
+
+    def __init__(self, archive: SphrArchive | None = None) -> None:
+        self.archive = archive
+        self.out: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 - handed on
+        self.problems: list[Problem] = []
+        self.inlined: set[str] = set()
+        self.count = 0
+        self._seen: set[bytes] = set()
+        self._nonce = secrets.token_hex(16)
+        timestamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        self.out.write(b'{"resourceType":"Bundle","type":"collection","timestamp":"%s","entry":['
+                       % timestamp.encode())
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_rest: Any) -> None:
+        if kind is not None:
+            self.out.close()
+
+    def add(self, resource: dict[str, Any]) -> None:
+        members: list[str] = []
+        holders = [resource] if _MEMBER in resource else list(attachments_of(resource))
+        for holder in holders:
+            member = holder.pop(_MEMBER, None)
+            if isinstance(member, str) and self.archive is not None:
+                holder["data"] = f"{self._nonce}:{len(members)}"
+                holder.setdefault("contentType", guess_type(member))
+                if holder is not resource:
+                    holder.setdefault("size", self.archive.size(member))
+                members.append(member)
+        canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS) + "\0".join(members).encode()
+        digest = hashlib.blake2b(canonical, digest_size=16).digest()
+        if digest in self._seen:
+            return
+        self._seen.add(digest)
+        text = orjson.dumps(resource)
+        self.out.write(b',{"resource":' if self.count else b'{"resource":')
+        self.count += 1
+        if not members:
+            self.out.write(text)
+        else:
+            pieces = re.split(b'"%s:(\\d+)"' % self._nonce.encode(), text)
+            for index, piece in enumerate(pieces):
+                if index % 2 == 0:
+                    self.out.write(piece)
+                else:
+                    self._write_member(members[int(piece)])
+        self.out.write(b"}")
+
+    def _write_member(self, name: str) -> None:
+        """``"<base64 of the member>"``, a piece at a time."""
+        assert self.archive is not None
+        self.inlined.add(name)
+        self.out.write(b'"')
+        carry = b""
+        for chunk in self.archive.chunks(name, BASE64_STEP):
+            data = carry + chunk
+            whole = len(data) - len(data) % 3
+            self.out.write(pybase64.b64encode(data[:whole]))
+            carry = data[whole:]
+        self.out.write(pybase64.b64encode(carry) + b'"')
+
+    def finish(self) -> PreparedFile:
+        """The Bundle, ready to encrypt; refuses a record without one readable resource."""
+        if not self.count:
+            self.out.close()
+            first = self.problems[0].message if self.problems else "no resources"
+            raise BadRequest(f"the record holds no readable FHIR resources ({first})", code="invalid_content")
+        self.out.write(b"]}")
+        self.out.seek(0)
+        return PreparedFile(FHIR_JSON, self.out, self.problems)

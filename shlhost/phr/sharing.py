@@ -8,6 +8,7 @@ made from it gets its file regenerated and re-encrypted (same key, new IV).
 from __future__ import annotations
 
 import json
+import tempfile
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shlhost.errors import BadRequest
 from shlhost.phr.exporter import Exporter, Selection
-from shlhost.phr.formats import FHIR_JSON, PreparedFile
+from shlhost.phr.formats import FHIR_JSON, SPOOL_MEMORY, PreparedFile
 from shlhost.shl.links import LinkService
 from shlhost.storage.models import Link
 
@@ -67,8 +68,11 @@ def record_file(
     sessions: sessionmaker[Session], account_id: int, query: dict[str, Any]
 ) -> PreparedFile:
     """The link's file: a document Bundle exported from the record."""
-    body = b"".join(Exporter(sessions, account_id, selection(query)).bundle())
-    return PreparedFile(FHIR_JSON, body)
+    out = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 - the link's file
+    for chunk in Exporter(sessions, account_id, selection(query)).bundle():
+        out.write(chunk)
+    out.seek(0)
+    return PreparedFile(FHIR_JSON, out)
 
 
 def refresh_links(

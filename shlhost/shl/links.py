@@ -8,12 +8,13 @@ the protocol depends on (uses, the passcode budget) changes in one conditional
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from argon2 import PasswordHasher
 from sqlalchemy import bindparam, insert, select, update
@@ -60,6 +61,8 @@ class LinkSettings:
     passcode_attempts: int
     hasher: PasswordHasher
 
+    # The largest JWE embedded in a manifest whatever embeddedLengthMax says (EMBED_MAX_BYTES).
+    embed_max: int = 4 * 1024 * 1024
     @property
     def viewer_url(self) -> str:
         return self.public_url + "/view"
@@ -73,13 +76,37 @@ class LinkSettings:
 
 @dataclass(frozen=True)
 class EncryptedFile:
-    """A file the client encrypted itself: the server never sees its key."""
+    """A file the client encrypted itself: the server never sees its key. The compact JWE
+    comes as a string (a JSON request) or as a seekable binary stream (an uploaded file)."""
 
     content_type: str
-    jwe: str
+    jwe: str | IO[bytes]
+
+    def close(self) -> None:
+        if not isinstance(self.jwe, str):
+            self.jwe.close()
 
 
 NewFile = PreparedFile | EncryptedFile
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _closes_files(method: _Method) -> _Method:
+    """The service owns the files it is given (often spooled temporary files): they are
+    closed when the call returns or raises."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            for arg in args:
+                for item in arg if isinstance(arg, (list, tuple)) else [arg]:
+                    if isinstance(item, (PreparedFile, EncryptedFile)):
+                        item.close()
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -191,6 +218,7 @@ class LinkService:
 
     # -- creation ------------------------------------------------------------------------
 
+    @_closes_files
     def create(
         self,
         files: Sequence[NewFile],
@@ -269,10 +297,12 @@ class LinkService:
         written: list[str],
         file_id: str | None = None,
     ) -> LinkFile:
-        token = self._encrypt(key, new)
+        self._check_file(key, new)
         file_id = file_id or new_token(16)
         blob_key = f"links/{link_id}/{file_id}-{new_token(6)}.jwe"
-        self.blobs.put(blob_key, token.encode("ascii"))
+        # Encrypted (or checked) straight into the blob store, a chunk at a time.
+        with self.blobs.writer(blob_key) as out:
+            size = self._write_jwe(key, new, out)
         written.append(blob_key)
         return LinkFile(
             id=file_id,
@@ -280,13 +310,13 @@ class LinkService:
             position=position,
             content_type=new.content_type,
             blob_key=blob_key,
-            jwe_size=len(token),
+            jwe_size=size,
             last_updated=now,
             created_at=now,
         )
 
     @staticmethod
-    def _encrypt(key: bytes | None, new: NewFile) -> str:
+    def _check_file(key: bytes | None, new: NewFile) -> None:
         if new.content_type not in SHL_CONTENT_TYPES:
             raise UnsupportedMediaType(
                 f"contentType must be one of {', '.join(SHL_CONTENT_TYPES)}",
@@ -298,13 +328,23 @@ class LinkService:
                     "this link's key is held by the server: send content, not a JWE",
                     code="mixed_files",
                 )
-            jwe.parse(new.jwe, expected_cty=new.content_type)
-            return new.jwe.strip()
-        if key is None:
+            if isinstance(new.jwe, str):
+                jwe.parse(new.jwe, expected_cty=new.content_type)
+        elif key is None:
             raise BadRequest(
                 "this link's files are encrypted by the client: send a JWE", code="mixed_files"
             )
-        return jwe.encrypt(new.body, key, new.content_type)
+
+    @staticmethod
+    def _write_jwe(key: bytes | None, new: NewFile, out: IO[bytes]) -> int:
+        """Write the file's compact JWE to ``out``; return its length."""
+        if isinstance(new, PreparedFile):
+            assert key is not None  # _check_file
+            return jwe.encrypt_stream(new.source, out, key, new.content_type)
+        if isinstance(new.jwe, str):
+            return out.write(new.jwe.strip().encode("ascii"))
+        parsed = jwe.check_stream(new.jwe, expected_cty=new.content_type)
+        return jwe.copy_token(new.jwe, parsed, out)
 
     def _delete_blobs(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -436,7 +476,8 @@ class LinkService:
                 "contentType": f.content_type,
                 "lastUpdated": _iso(f.last_updated),
             }
-            if embedded_max is not None and f.jwe_size <= embedded_max:
+            cap = None if embedded_max is None else min(embedded_max, self.settings.embed_max)
+            if cap is not None and f.jwe_size <= cap:
                 entry["embedded"] = self._read_file(f.id, f.blob_key)
             else:
                 ticket = tickets.issue(
@@ -451,13 +492,19 @@ class LinkService:
         return {"status": "can-change" if long_term else "finalized", "files": entries}
 
     def _read_file(self, file_id: str, blob_key: str | None) -> str:
-        """A file's JWE. An L link's file may be replaced between reading its row and its
-        blob (the old blob is deleted once the new one is in): then read the row again."""
+        """A (small) file's JWE, for embedding in a manifest."""
+        with self._open_file(file_id, blob_key) as stream:
+            return stream.read().decode("ascii")
+
+    def _open_file(self, file_id: str, blob_key: str | None) -> IO[bytes]:
+        """A file's JWE as a stream. An L link's file may be replaced between reading its row
+        and opening its blob (the old blob is deleted once the new one is in): then read the
+        row again. Once open, a local or S3 blob reads whole even if it is deleted meanwhile."""
         for _attempt in range(3):
             if blob_key is None:
                 break
             try:
-                return self.blobs.get(blob_key).decode("ascii")
+                return self.blobs.open(blob_key)
             except KeyError:
                 blob_key = (
                     self.session.connection().execute(_BLOB_KEY, {"file_id": file_id}).scalar()
@@ -465,8 +512,8 @@ class LinkService:
                 self.session.rollback()
         raise DeadLink()  # revoked meanwhile
 
-    def direct(self, link_id: str, *, recipient: Any, now: datetime) -> str:
-        """The one file of a U link."""
+    def direct(self, link_id: str, *, recipient: Any, now: datetime) -> IO[bytes]:
+        """The one file of a U link, as a stream of its JWE (the caller closes it)."""
         check_recipient(recipient)
         link, files = self._live_link(link_id, now, recipient, "direct")
         if not link.direct:
@@ -479,10 +526,11 @@ class LinkService:
         current = next((f for f in files if f.blob_key), None)
         if current is None:
             raise DeadLink()
-        return self._read_file(current.id, current.blob_key)
+        return self._open_file(current.id, current.blob_key)
 
-    def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> str:
-        """A file named in a manifest's ``location``: good while its ticket is."""
+    def fetch_file(self, link_id: str, file_id: str, ticket: Any, *, now: datetime) -> IO[bytes]:
+        """A file named in a manifest's ``location``, good while its ticket is: a stream of
+        its JWE (the caller closes it)."""
         if not tickets.check(
             self.settings.ticket_secret, ticket, link_id, file_id, now.timestamp()
         ):
@@ -497,7 +545,7 @@ class LinkService:
             raise DeadLink()
         self._log(link_id, now, None, "file", "ok", file_id)
         self.session.commit()
-        return self._read_file(file_id, blob_key)
+        return self._open_file(file_id, blob_key)
 
     # -- management ----------------------------------------------------------------------
 
@@ -631,6 +679,7 @@ class LinkService:
                 code="finalized",
             )
 
+    @_closes_files
     def add_files(self, link: Link, files: Sequence[NewFile], *, now: datetime) -> list[LinkFile]:
         self._changeable(link)
         if not files:
@@ -663,6 +712,7 @@ class LinkService:
                 return f
         raise NotFound("No such file on this link.")
 
+    @_closes_files
     def replace_file(self, link: Link, file_id: str, new: NewFile, *, now: datetime) -> LinkFile:
         """New content, same key, new IV; the old ciphertext is deleted once the row points away."""
         self._changeable(link)

@@ -4,6 +4,11 @@ Three backends, chosen by ``BLOB_BACKEND``: ``local`` (files under ``BLOB_PATH``
 default), ``database`` (the ``blobs`` table, each write in its own transaction) and ``s3``
 (any S3-compatible endpoint through boto3; ``put_object`` is atomic).
 
+Blobs can be large (records with imaging run to hundreds of megabytes), so besides
+``put``/``get`` of bytes every backend has ``writer`` (a file to write into, committed whole
+when the block ends) and ``open`` (a stream to read from). The local and S3 backends stream
+through them in constant memory; the database backend holds one blob in memory at a time.
+
 Keys are relative POSIX paths made by shlhost (``links/<link>/<file>-<n>.jwe``), never
 taken from user input. Failures of a backend other than "no such key" are ``OSError``s
 (``BlobStoreError``), so callers can treat every backend alike.
@@ -12,13 +17,14 @@ taken from user input. Failures of a backend other than "no such key" are ``OSEr
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -35,7 +41,16 @@ def check_key(key: str) -> str:
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
 
+    def writer(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A binary file to write the blob into: committed whole (replacing any blob of that
+        key) when the ``with`` block ends normally, dropped if it raises."""
+        ...
+
     def get(self, key: str) -> bytes: ...
+
+    def open(self, key: str) -> IO[bytes]:
+        """The blob as a binary stream to read (the caller closes it); ``KeyError`` if none."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
@@ -60,13 +75,14 @@ class LocalBlobStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -75,11 +91,19 @@ class LocalBlobStore:
                 os.unlink(tmp)
             raise
 
-    def get(self, key: str) -> bytes:
+    def put(self, key: str, data: bytes) -> None:
+        with self.writer(key) as fh:
+            fh.write(data)
+
+    def open(self, key: str) -> IO[bytes]:
         try:
-            return self._path(key).read_bytes()
+            return self._path(key).open("rb")
         except FileNotFoundError:
             raise KeyError(key) from None
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as fh:
+            return fh.read()
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -159,6 +183,17 @@ class DatabaseBlobStore:
 
         self._run(work)
 
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        """Collects the blob in memory, then writes it in one transaction."""
+        check_key(key)
+        buffer = io.BytesIO()
+        yield buffer
+        self.put(key, buffer.getbuffer())
+
+    def open(self, key: str) -> IO[bytes]:
+        return io.BytesIO(self.get(key))
+
     def get(self, key: str) -> bytes:
         from sqlalchemy import select
 
@@ -221,6 +256,8 @@ class S3BlobStore:
     from boto3's usual chain (environment, ``~/.aws``, instance role).
     """
 
+    SPOOL = 8 * 1024 * 1024
+
     def __init__(self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None,
                  region: str | None = None) -> None:
         import boto3
@@ -268,7 +305,18 @@ class S3BlobStore:
         with self._errors("put"):
             self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(data))
 
-    def get(self, key: str) -> bytes:
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        """Spools to a temporary file (in memory up to ``SPOOL`` bytes), then uploads it;
+        boto3 turns a large one into a multipart upload, which becomes visible only whole."""
+        name = self._name(key)
+        with tempfile.SpooledTemporaryFile(max_size=self.SPOOL) as spool:
+            yield spool
+            spool.seek(0)
+            with self._errors("put"):
+                self.client.upload_fileobj(spool, self.bucket, name)
+
+    def open(self, key: str) -> IO[bytes]:
         name = self._name(key)
         with self._errors("get"):
             try:
@@ -277,8 +325,12 @@ class S3BlobStore:
                 if self._not_found(exc):
                     raise KeyError(key) from None
                 raise
-            body: bytes = answer["Body"].read()
+            body: IO[bytes] = answer["Body"]
             return body
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as body, self._errors("get"):
+            return body.read()
 
     def delete(self, key: str) -> None:
         name = self._name(key)

@@ -85,6 +85,40 @@ def test_empty_large_and_binary(store: BlobStore, unique: str) -> None:
     assert store.get(unique + "bin") == bytes(range(256))
 
 
+def test_writer_commits_whole_and_open_streams(store: BlobStore, unique: str) -> None:
+    """Large blobs go in and out as streams: ``writer`` commits when its block ends, ``open``
+    reads in pieces. 9 MiB crosses boto3's multipart threshold (8 MiB) on S3."""
+    key = unique + "links/big/f1-1.jwe"
+    pieces = [os.urandom(1 << 20) for _ in range(9)]
+    with store.writer(key) as out:
+        for piece in pieces:
+            out.write(piece)
+        assert not store.exists(key), "visible before the block ended"
+    with store.open(key) as stream:
+        read = [stream.read(1 << 20) for _ in range(10)]
+    assert b"".join(read) == b"".join(pieces) and read[-1] == b""
+
+
+def test_writer_that_raises_leaves_nothing(store: BlobStore, unique: str) -> None:
+    key = unique + "links/x/f1-1.jwe"
+    store.put(key, b"old")
+    with pytest.raises(RuntimeError), store.writer(key) as out:
+        out.write(b"half of a new blob")
+        raise RuntimeError("the encryption failed")
+    assert store.get(key) == b"old"
+    fresh = unique + "links/x/f2-1.jwe"
+    with pytest.raises(RuntimeError), store.writer(fresh) as out:
+        out.write(b"half")
+        raise RuntimeError("the encryption failed")
+    assert not store.exists(fresh)
+    assert sorted(k for k, _ in store.list(unique)) == [key], "no temporary file left behind"
+
+
+def test_open_missing_is_a_key_error(store: BlobStore, unique: str) -> None:
+    with pytest.raises(KeyError):
+        store.open(unique + "nope")
+
+
 def test_missing_is_a_key_error(store: BlobStore, unique: str) -> None:
     with pytest.raises(KeyError):
         store.get(unique + "links/none.jwe")
