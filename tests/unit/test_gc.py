@@ -4,7 +4,6 @@ backend, with a session and a store and no Flask (the CLI at the end)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,26 +20,13 @@ from shlhost.errors import DeadLink
 from shlhost.phr.formats import prepare_json
 from shlhost.shl.links import LinkOptions, LinkService, LinkSettings
 from shlhost.storage.blobs import BlobStore, DatabaseBlobStore, LocalBlobStore, S3BlobStore
-from shlhost.storage.db import make_engine, make_sessionmaker
+from shlhost.storage.db import make_sessionmaker
 from shlhost.storage.models import Access, Link, LinkFile
 from tests.conftest import S3Server
 from tests.helpers import minimal_bundle
 
 DAY = timedelta(days=1)
 SETTINGS = gc.GcSettings(retention=timedelta(days=30), grace=timedelta(hours=1))
-
-
-@pytest.fixture(scope="module")
-def engine(database_url: str) -> Iterator[Any]:
-    eng = make_engine(database_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def session(engine: Any) -> Iterator[Session]:
-    with make_sessionmaker(engine)() as s:
-        yield s
 
 
 @pytest.fixture(params=["local", "database", "s3"])
