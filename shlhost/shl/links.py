@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 
 from argon2 import PasswordHasher
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from shlhost.crypto import jwe
@@ -37,6 +37,7 @@ from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile, link_status
+from shlhost.storage.rawsql import RawStatement, RawTransaction
 
 
 class KeyUnavailable(Conflict):
@@ -355,6 +356,31 @@ class LinkService:
     # The hot path: prebuilt Core statements (see the bottom of this module), one
     # transaction for a link without passcode, no ORM objects.
 
+    # ``tx``: the manifest runs on a RawTransaction of its own (no Session bookkeeping);
+    # without one, these run in the session's transaction.
+
+    def _transaction(self) -> RawTransaction | None:
+        """A RawTransaction on the session's engine, unless the session is already busy."""
+        bind = self.session.get_bind()
+        if isinstance(bind, Engine) and not self.session.in_transaction():
+            return RawTransaction(bind)
+        return None
+
+    def _conn(self, tx: RawTransaction | None) -> Connection | RawTransaction:
+        return self.session.connection() if tx is None else tx
+
+    def _commit(self, tx: RawTransaction | None) -> None:
+        if tx is None:
+            self.session.commit()
+        else:
+            tx.commit()
+
+    def _rollback(self, tx: RawTransaction | None) -> None:
+        if tx is None:
+            self.session.rollback()
+        else:
+            tx.rollback()
+
     def _log(
         self,
         link_id: str,
@@ -363,9 +389,10 @@ class LinkService:
         action: str,
         outcome: str,
         file_id: str | None = None,
+        tx: RawTransaction | None = None,
     ) -> None:
-        self.session.connection().execute(
-            _LOG,
+        _RAW_LOG.run(
+            self._conn(tx),
             {
                 "link_id": link_id,
                 "at": now,
@@ -377,45 +404,50 @@ class LinkService:
         )
 
     def _dead(
-        self, link_id: str, now: datetime, recipient: str | None, action: str, outcome: str
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        outcome: str,
+        tx: RawTransaction | None = None,
     ) -> DeadLink:
-        self._log(link_id, now, recipient, action, outcome)
-        self.session.commit()
+        self._log(link_id, now, recipient, action, outcome, tx=tx)
+        self._commit(tx)
         return DeadLink()
 
-    def _spend_use(self, link_id: str, now: datetime) -> bool:
+    def _spend_use(self, link_id: str, now: datetime, tx: RawTransaction | None = None) -> bool:
         """Count one use if the link is still live; atomic under concurrency."""
-        return (
-            self.session.connection().execute(_SPEND_USE, {"link_id": link_id, "now": now}).first()
-            is not None
-        )
+        row = _RAW_SPEND_USE.first(self._conn(tx), {"link_id": link_id, "now": now})
+        return row is not None
 
-    def _spend_attempt(self, link_id: str, now: datetime) -> int | None:
+    def _spend_attempt(
+        self, link_id: str, now: datetime, tx: RawTransaction | None = None
+    ) -> int | None:
         """Take one attempt from the passcode budget; the attempts left, or None if none were."""
-        row = (
-            self.session.connection()
-            .execute(_SPEND_ATTEMPT, {"link_id": link_id, "now": now})
-            .first()
-        )
-        return None if row is None else int(row[0])
+        row = _RAW_SPEND_ATTEMPT.first(self._conn(tx), {"link_id": link_id, "now": now})
+        return None if row is None else int(row.attempts_left)
 
     def _live_link(
-        self, link_id: str, now: datetime, recipient: str | None, action: str
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        tx: RawTransaction | None = None,
     ) -> tuple[Any, list[Any]]:
         """The link's row and its files' rows, if it is live; else the uniform dead link."""
-        conn = self.session.connection()
-        link = (
-            conn.execute(_LOAD_LINK, {"link_id": link_id}).first()
-            if isinstance(link_id, str) and len(link_id) == 43
-            else None
-        )
+        if not (isinstance(link_id, str) and len(link_id) == 43):
+            raise DeadLink()  # no query, so no transaction to end
+        conn = self._conn(tx)
+        link = _RAW_LOAD_LINK.first(conn, {"link_id": link_id})
         if link is None:
-            self.session.rollback()
+            self._rollback(tx)
             raise DeadLink()
         status = link_status(link, now)
         if status != "active":
-            raise self._dead(link_id, now, recipient, action, status)
-        return link, conn.execute(_LOAD_FILES, {"link_id": link_id}).all()
+            raise self._dead(link_id, now, recipient, action, status, tx)
+        return link, _RAW_LOAD_FILES.all(conn, {"link_id": link_id})
 
     def manifest(
         self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any, now: datetime
@@ -429,35 +461,37 @@ class LinkService:
             )
         if passcode is not None and not isinstance(passcode, str):
             raise BadRequest("passcode must be a string", code="invalid_passcode")
-        link, files = self._live_link(link_id, now, recipient, "manifest")
-        if link.direct:
-            self.session.rollback()
-            raise BadRequest("this is a U link: GET the url with a recipient", code="direct_link")
-        if link.passcode_hash is not None:
-            # End the read transaction before argon2 so no lock is held meanwhile.
-            self.session.commit()
-            if not passcode:
-                # No guess was made; the budget is untouched.
-                raise WrongPasscode(int(link.attempts_left or 0))
-            if len(passcode) > PASSCODE_MAX or not verify_secret(
-                self.settings.hasher, link.passcode_hash, passcode
-            ):
-                left = self._spend_attempt(link_id, now)
-                self._log(
-                    link_id,
-                    now,
-                    recipient,
-                    "manifest",
-                    "wrong_passcode" if left is not None else "locked",
+        tx = self._transaction()
+        try:
+            link, files = self._live_link(link_id, now, recipient, "manifest", tx)
+            if link.direct:
+                self._rollback(tx)
+                raise BadRequest(
+                    "this is a U link: GET the url with a recipient", code="direct_link"
                 )
-                self.session.commit()
-                if left is None:
-                    raise DeadLink()
-                raise WrongPasscode(left)
-        if not self._spend_use(link_id, now):
-            raise self._dead(link_id, now, recipient, "manifest", "dead")
-        self._log(link_id, now, recipient, "manifest", "ok")
-        self.session.commit()
+            if link.passcode_hash is not None:
+                # End the read transaction before argon2 so no lock is held meanwhile.
+                self._commit(tx)
+                if not passcode:
+                    # No guess was made; the budget is untouched.
+                    raise WrongPasscode(int(link.attempts_left or 0))
+                if len(passcode) > PASSCODE_MAX or not verify_secret(
+                    self.settings.hasher, link.passcode_hash, passcode
+                ):
+                    left = self._spend_attempt(link_id, now, tx)
+                    outcome = "wrong_passcode" if left is not None else "locked"
+                    self._log(link_id, now, recipient, "manifest", outcome, tx=tx)
+                    self._commit(tx)
+                    if left is None:
+                        raise DeadLink()
+                    raise WrongPasscode(left)
+            if not self._spend_use(link_id, now, tx):
+                raise self._dead(link_id, now, recipient, "manifest", "dead", tx)
+            self._log(link_id, now, recipient, "manifest", "ok", tx=tx)
+            self._commit(tx)
+        finally:
+            if tx is not None:
+                tx.close()  # rolls back whatever an error left open
         return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
 
     def _manifest_body(
@@ -813,6 +847,26 @@ _SPEND_ATTEMPT = (
     .returning(_LINKS.c.attempts_left)
 )
 _LOG = insert(_ACCESS)
+# The same, run on the DBAPI cursor (see shlhost.storage.rawsql): the manifest's path.
+_RAW_LOAD_LINK = RawStatement(_LOAD_LINK)
+_RAW_LOAD_FILES = RawStatement(_LOAD_FILES)
+_RAW_SPEND_USE = RawStatement(_SPEND_USE)
+_RAW_SPEND_ATTEMPT = RawStatement(_SPEND_ATTEMPT)
+_RAW_LOG = RawStatement(
+    insert(_ACCESS).values(
+        {
+            column: bindparam(column.key, type_=column.type)
+            for column in (
+                _ACCESS.c.link_id,
+                _ACCESS.c.at,
+                _ACCESS.c.recipient,
+                _ACCESS.c.action,
+                _ACCESS.c.outcome,
+                _ACCESS.c.file_id,
+            )
+        }
+    )
+)
 _BLOB_KEY = select(_FILES.c.blob_key).where(_FILES.c.id == bindparam("file_id"))
 _SERVABLE_FILE = (
     select(_FILES.c.blob_key)
