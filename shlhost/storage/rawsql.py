@@ -39,23 +39,36 @@ class RawTransaction:
     After ``commit`` or ``rollback`` the connection is back in the pool; the next statement
     checks one out again and begins a new transaction. ``close`` rolls back whatever is
     still open. Use it as a context manager.
+
+    On SQLite, SELECTs that come before the first write run outside the transaction (WAL:
+    each sees the last commit and takes no lock); the first write begins it, with the
+    writer lock and ``BEGIN IMMEDIATE``. So the lock that every writer queues for is held
+    only for the writes and the COMMIT. A write that depends on what was read must check
+    it again itself (the data plane's conditional ``UPDATE ... RETURNING`` does). On
+    PostgreSQL the first statement, read or write, begins the transaction.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.dialect = engine.dialect
         self._engine = engine
+        self._reads_outside = engine.dialect.name == "sqlite"
         self._pooled: Any = None  # the pool's proxy: closing it returns the connection
+        self._begun = False
 
-    def dbapi_connection(self) -> Any:
-        if self._pooled is None:
-            pooled = self._engine.raw_connection()
+    def dbapi_connection(self, write: bool = True) -> Any:
+        pooled = self._pooled
+        if pooled is None:
+            pooled = self._pooled = self._engine.raw_connection()
+            self._begun = False
+        if not self._begun and (write or not self._reads_outside):
             try:
                 begin_dbapi(self.dialect, pooled.driver_connection)
             except BaseException:
+                self._pooled = None
                 pooled.close()  # the pool's reset rolls back
                 raise
-            self._pooled = pooled
-        return self._pooled.driver_connection
+            self._begun = True
+        return pooled.driver_connection
 
     def invalidate(self, exc: BaseException) -> None:
         if self._pooled is not None:
@@ -88,12 +101,13 @@ class RawTransaction:
 
 
 class _Compiled:
-    __slots__ = ("sql", "positional", "binds", "row", "results")
+    __slots__ = ("sql", "positional", "reads", "binds", "row", "results")
 
     def __init__(self, stmt: Any, dialect: Dialect) -> None:
         compiled = stmt.compile(dialect=dialect)
         self.sql: str = compiled.string
         self.positional: bool = bool(compiled.positional)
+        self.reads: bool = bool(stmt.is_select)  # a SELECT: no write lock needed
         names = (
             list(compiled.positiontup or ())
             if self.positional
@@ -146,7 +160,7 @@ class RawStatement:
         if compiled is None:
             compiled = self._compiled[dialect] = _Compiled(self.stmt, dialect)
         if isinstance(conn, RawTransaction):
-            dbapi_conn = conn.dbapi_connection()
+            dbapi_conn = conn.dbapi_connection(write=not compiled.reads)
         else:
             dbapi_conn = conn.connection.driver_connection
         cursor = dbapi_conn.cursor()

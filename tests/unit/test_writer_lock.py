@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Integer, column, text
 
 from shlhost.storage.db import WriterLockedConnection, make_engine, make_sessionmaker
-from shlhost.storage.rawsql import RawTransaction
+from shlhost.storage.rawsql import RawStatement, RawTransaction
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,6 +137,21 @@ def test_raw_transactions_release_on_commit_rollback_and_close(
     assert lock_is_free(db_path)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT n FROM counter")).scalar() == 1  # the one commit
+
+
+def test_raw_transactions_read_without_the_lock_until_their_first_write(
+    engine: Engine, db_path: Path
+) -> None:
+    read = RawStatement(text("SELECT n FROM counter").columns(column("n", Integer)))
+    write = RawStatement(text("UPDATE counter SET n = n + 1"))
+    with RawTransaction(engine) as tx:
+        assert read.first(tx, {}).n == 0
+        assert lock_is_free(db_path)  # the read took no lock and left no transaction open
+        write.run(tx, {})
+        assert not lock_is_free(db_path)
+        assert read.first(tx, {}).n == 1  # inside the transaction now
+        tx.commit()
+    assert lock_is_free(db_path)
 
 
 def test_threads_queue_on_the_lock(engine: Engine, db_path: Path) -> None:
