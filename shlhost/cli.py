@@ -409,10 +409,12 @@ def fetch(link: str, passcode: str | None, passcode_stdin: bool, recipient: str,
     from shlhost.client import ShlClient, ShlError
 
     try:
-        resolved = ShlClient(recipient=recipient).resolve(link, _passcode(passcode, passcode_stdin))
+        with ShlClient(recipient=recipient).resolve(link, _passcode(passcode, passcode_stdin)) as resolved:
+            # Each file is parsed here (one that is not JSON fails with the others' errors).
+            data = resolved.ndjson() if fmt == "ndjson" else json.dumps(resolved.bundle(), indent=1).encode() + b"\n"
+            count = len(resolved.resources())
     except ShlError as exc:
         _client_fail(exc)
-    data = resolved.ndjson() if fmt == "ndjson" else json.dumps(resolved.bundle(), indent=1).encode() + b"\n"
     if output:
         Path(output).write_bytes(data)
     else:
@@ -425,7 +427,7 @@ def fetch(link: str, passcode: str | None, passcode_stdin: bool, recipient: str,
         if f.content_type == "application/smart-api-access":
             click.echo("  SMART API access: reported, not followed", err=True)
     if output:
-        click.echo(f"wrote {output}: {len(resolved.resources())} resources", err=True)
+        click.echo(f"wrote {output}: {count} resources", err=True)
 
 
 @cli.command("pull")

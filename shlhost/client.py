@@ -3,8 +3,8 @@
 Usable as a library (no Flask)::
 
     from shlhost.client import ShlClient
-    resolved = ShlClient(recipient="Dr Example").resolve(link, passcode="1234")
-    bundle = resolved.bundle()          # every file merged as one collection Bundle
+    with ShlClient(recipient="Dr Example").resolve(link, passcode="1234") as resolved:
+        bundle = resolved.bundle()      # every file merged as one collection Bundle
 
 Handles bare and viewer-prefixed ``shlink:/`` links, manifest links (POST) and U links
 (GET ``?recipient=``), embedded and location files (a location that answers 404 because
@@ -15,21 +15,29 @@ decoded; its ES256 signature verified when the issuer's JWKS can be fetched, rep
 
 Errors are ``ShlError`` subclasses that say what happened. Neither keys nor links are
 ever logged: only the host of the manifest URL.
+
+Files stream: a location's JWE is read a chunk at a time into a spooled temporary file
+(refused as soon as it passes the client's ``max_file``, 1 GiB by default) and decrypted
+into another; ``ShlFile.plaintext`` is that file (FHIR and API access files) and
+``ShlFile.content`` parses it when first asked (small files at once). ``Resolved`` holds
+temporary files: use it as a context manager, as above, or call ``close()``.
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -51,7 +59,10 @@ FHIR_JSON = "application/fhir+json"
 SHC = "application/smart-health-card"
 API_ACCESS = "application/smart-api-access"
 USER_AGENT = f"shlhost-client/{__version__} (+https://shlhost.dev)"
-MAX_FILE = 64 * 1024 * 1024
+MAX_FILE = 1024 * 1024 * 1024  # default cap on one file: its JWE, and its inflated plaintext
+MAX_CARD = 64 * 1024 * 1024  # cap on a health card's payload, inflated in memory
+SPOOL = 1024 * 1024  # temporary files stay in memory up to this size
+READ_CHUNK = 256 * 1024
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -118,6 +129,12 @@ class ServerError(ShlError):
     kind = "server_error"
 
 
+class FileTooLarge(ServerError):
+    """A file larger than the client's ``max_file``: refused while it was being read."""
+
+    kind = "file_too_large"
+
+
 # -- results --------------------------------------------------------------------------------
 
 
@@ -129,15 +146,56 @@ class HealthCard:
     bundle: dict[str, Any] | None
 
 
+_UNPARSED: Any = object()
+
+
 @dataclass
 class ShlFile:
     index: int
     content_type: str
     last_updated: str | None
     origin: str  # "embedded", "location" or "direct" (U links)
-    content: Any = None  # parsed JSON (fhir+json, smart-api-access)
     cards: list[HealthCard] = field(default_factory=list)
     skipped: bool = False  # not fetched: its lastUpdated did not change
+    # The decrypted file (binary, positioned at 0 when handed out), for fhir+json and
+    # smart-api-access files; a spooled temporary file that close() closes.
+    plaintext: IO[bytes] | None = field(default=None, repr=False)
+    _content: Any = field(default=_UNPARSED, repr=False)
+
+    @property
+    def content(self) -> Any:
+        """The parsed JSON of fhir+json and smart-api-access files (parsed when first
+        asked; None for other files). Raises ``DecryptionFailed`` if it is not JSON."""
+        if self._content is _UNPARSED:
+            self._content = None if self.plaintext is None else _parse_json(self)
+        return self._content
+
+    @content.setter
+    def content(self, value: Any) -> None:
+        self._content = value
+
+    def close(self) -> None:
+        if self.plaintext is not None:
+            self.plaintext.close()
+
+    def __enter__(self) -> ShlFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _parse_json(f: ShlFile) -> Any:
+    assert f.plaintext is not None
+    if f.plaintext.closed:
+        raise ValueError(f"file {f.index} was closed before its content was asked for")
+    f.plaintext.seek(0)
+    data = f.plaintext.read()
+    f.plaintext.seek(0)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise DecryptionFailed(f"file {f.index} decrypts to something that is not JSON") from None
 
 
 @dataclass
@@ -146,6 +204,17 @@ class Resolved:
     status: str | None
     files: list[ShlFile]
     server_date: datetime | None = None  # the manifest answer's Date header
+
+    def close(self) -> None:
+        """Close every file's temporary plaintext."""
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> Resolved:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def settled_updates(self) -> dict[str, str]:
         """File position -> lastUpdated, for the files whose lastUpdated can be trusted to
@@ -242,8 +311,10 @@ class ShlClient:
         jwks_timeout: float = 5.0,
         now: Callable[[], float] = time.time,
         allow_url: Callable[[str], bool] | None = None,
+        max_file: int = MAX_FILE,
     ) -> None:
         self.recipient = recipient
+        self.max_file = max_file  # bytes: a file's JWE, and its plaintext once inflated
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_wait = max_wait
@@ -280,38 +351,55 @@ class ShlClient:
             raise LinkExpired("the link has expired (its exp is in the past)")
         key = b64url_decode(p.key)
         if "U" in p.flag:
-            token = self._get_jwe(p.url, {"recipient": self.recipient})
-            return Resolved(p, None, [self._open(0, token, key, None, None, "direct")])
+            with self._get_jwe(p.url, {"recipient": self.recipient}) as token:
+                return Resolved(p, None, [self._open(0, token, key, None, None, "direct")])
         if "P" in p.flag and not passcode:
             raise PasscodeRequired("the link needs a passcode (flag P)")
         manifest = self._manifest(p, passcode, embedded_length_max)
         server_date = manifest.pop("_date", None)
-        files = []
-        for index, entry in enumerate(manifest["files"]):
-            ctype, updated = entry.get("contentType"), entry.get("lastUpdated")
-            if known_updates is not None and updated and known_updates.get(str(index)) == updated:
-                files.append(ShlFile(index, str(ctype), updated, "skipped", skipped=True))
-                continue
-            if isinstance(entry.get("embedded"), str):
-                files.append(self._open(index, entry["embedded"], key, ctype, updated, "embedded"))
-                continue
-            location = entry.get("location")
-            if not isinstance(location, str):
-                raise ServerError(f"manifest file {index} has neither embedded nor location")
-            try:
-                token = self._get_jwe(location, None)
-            except DeadLink:
-                # The location's ticket may have expired between the manifest and now: ask
-                # the manifest once more for a fresh one.
-                log.info(
-                    "a file location of %s answered 404; asking the manifest again", _host(p.url)
+        files: list[ShlFile] = []
+        try:
+            for index, entry in enumerate(manifest["files"]):
+                files.append(
+                    self._file(p, passcode, embedded_length_max, index, entry, key, known_updates)
                 )
-                again = self._manifest(p, passcode, embedded_length_max)["files"]
-                if index >= len(again) or not isinstance(again[index].get("location"), str):
-                    raise
-                token = self._get_jwe(again[index]["location"], None)
-            files.append(self._open(index, token, key, ctype, updated, "location"))
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
         return Resolved(p, manifest.get("status"), files, server_date)
+
+    def _file(
+        self,
+        p: shl_payload.Payload,
+        passcode: str | None,
+        embedded_length_max: int | None,
+        index: int,
+        entry: dict[str, Any],
+        key: bytes,
+        known_updates: dict[str, str] | None,
+    ) -> ShlFile:
+        ctype, updated = entry.get("contentType"), entry.get("lastUpdated")
+        if known_updates is not None and updated and known_updates.get(str(index)) == updated:
+            return ShlFile(index, str(ctype), updated, "skipped", skipped=True)
+        if isinstance(entry.get("embedded"), str):
+            embedded = io.BytesIO(entry["embedded"].encode("ascii", "replace"))
+            return self._open(index, embedded, key, ctype, updated, "embedded")
+        location = entry.get("location")
+        if not isinstance(location, str):
+            raise ServerError(f"manifest file {index} has neither embedded nor location")
+        try:
+            token = self._get_jwe(location, None)
+        except DeadLink:
+            # The location's ticket may have expired between the manifest and now: ask
+            # the manifest once more for a fresh one.
+            log.info("a file location of %s answered 404; asking the manifest again", _host(p.url))
+            again = self._manifest(p, passcode, embedded_length_max)["files"]
+            if index >= len(again) or not isinstance(again[index].get("location"), str):
+                raise
+            token = self._get_jwe(again[index]["location"], None)
+        with token:
+            return self._open(index, token, key, ctype, updated, "location")
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -330,6 +418,7 @@ class ShlClient:
                 raise ServerError(f"could not reach {_host(url)} ({type(exc).__name__})") from None
             if resp.status_code != 429:
                 return resp
+            resp.close()
             delay = _retry_after(resp.headers.get("Retry-After"))
             if attempt >= self.max_retries or delay is None or waited + delay > self.max_wait:
                 raise RateLimited(
@@ -375,14 +464,37 @@ class ShlClient:
         data["_date"] = _http_date(resp.headers.get("Date"))
         return data
 
-    def _get_jwe(self, url: str, params: dict[str, str] | None) -> str:
+    def _get_jwe(self, url: str, params: dict[str, str] | None) -> IO[bytes]:
+        """The file at ``url``, read a chunk at a time into a spooled temporary file (the
+        caller closes it); refused as soon as it is larger than ``max_file``."""
         if params:
             url = url + ("&" if "?" in url else "?") + urlencode(params)
-        resp = self._request("GET", url, headers={"Accept": "application/jose"})
-        self._check(resp, "the file")
-        if len(resp.content) > MAX_FILE:
-            raise ServerError("the file is larger than this client accepts")
-        return resp.text.strip()
+        too_large = FileTooLarge(
+            f"the file is larger than this client accepts ({_size(self.max_file)})"
+        )
+        with self._request("GET", url, headers={"Accept": "application/jose"}, stream=True) as resp:
+            self._check(resp, "the file")
+            declared = resp.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_file:
+                raise too_large
+            out = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115 - returned
+            try:
+                total = 0
+                for chunk in resp.iter_content(READ_CHUNK):
+                    total += len(chunk)
+                    if total > self.max_file:
+                        raise too_large
+                    out.write(chunk)
+            except requests.RequestException as exc:
+                out.close()
+                raise ServerError(
+                    f"the file from {_host(url)} could not be read ({type(exc).__name__})"
+                ) from None
+            except BaseException:
+                out.close()
+                raise
+        out.seek(0)
+        return out
 
     @staticmethod
     def _check(resp: requests.Response, what: str) -> None:
@@ -398,29 +510,47 @@ class ShlClient:
     # -- files ------------------------------------------------------------------------------
 
     def _open(
-        self, index: int, token: str, key: bytes, ctype: Any, updated: Any, origin: str
+        self, index: int, token: IO[bytes], key: bytes, ctype: Any, updated: Any, origin: str
     ) -> ShlFile:
+        """Decrypt the JWE in seekable ``token`` into a spooled temporary file."""
+        plaintext: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115
         try:
-            header, plaintext = jwe.decrypt(token, key, max_inflated=MAX_FILE)
-        except (DecryptionError, BadRequest) as exc:
-            raise DecryptionFailed(
-                f"file {index} does not decrypt with the link's key ({exc.message})"
-            ) from None
-        content_type = str(ctype or header.get("cty") or "")
-        try:
-            content = json.loads(plaintext)
-        except (ValueError, UnicodeDecodeError):
-            raise DecryptionFailed(f"file {index} decrypts to something that is not JSON") from None
-        out = ShlFile(index, content_type, updated if isinstance(updated, str) else None, origin)
-        if content_type == SHC:
-            creds = content.get("verifiableCredential") if isinstance(content, dict) else None
-            if not isinstance(creds, list):
-                raise ServerError(
-                    f"file {index} is a SMART Health Card file without verifiableCredential"
-                )
-            out.cards = [self.decode_card(jws) for jws in creds if isinstance(jws, str)]
-        else:
-            out.content = content
+            try:
+                header = jwe.decrypt_stream(token, plaintext, key, max_inflated=self.max_file)
+            except (DecryptionError, BadRequest) as exc:
+                # What was written is not authentic: it is thrown away with the file.
+                raise DecryptionFailed(
+                    f"file {index} does not decrypt with the link's key ({exc.message})"
+                ) from None
+            small = plaintext.tell() <= SPOOL
+            plaintext.seek(0)
+            if small:
+                # Still in memory: as a BytesIO it needs no closing (a spool left open warns).
+                spool, plaintext = plaintext, io.BytesIO(plaintext.read())
+                spool.close()
+            content_type = str(ctype or header.get("cty") or "")
+            out = ShlFile(
+                index,
+                content_type,
+                updated if isinstance(updated, str) else None,
+                origin,
+                plaintext=plaintext,
+            )
+            if content_type == SHC:
+                content = out.content
+                creds = content.get("verifiableCredential") if isinstance(content, dict) else None
+                if not isinstance(creds, list):
+                    raise ServerError(
+                        f"file {index} is a SMART Health Card file without verifiableCredential"
+                    )
+                out.cards = [self.decode_card(jws) for jws in creds if isinstance(jws, str)]
+                plaintext.close()
+                out.plaintext, out.content = None, None
+            elif small:
+                out.content  # noqa: B018 - small files are checked (and parsed) at once
+        except BaseException:
+            plaintext.close()
+            raise
         return out
 
     # -- SMART Health Cards -----------------------------------------------------------------
@@ -433,7 +563,7 @@ class ShlClient:
             header = json.loads(b64url_decode(parts[0]))
             raw = b64url_decode(parts[1])
             if header.get("zip") == "DEF":
-                raw = jwe.inflate(raw, MAX_FILE)
+                raw = jwe.inflate(raw, MAX_CARD)
             body = json.loads(raw)
             signature = b64url_decode(parts[2])
         except (ValueError, UnicodeDecodeError, DecryptionError):
@@ -547,6 +677,10 @@ def public_only(url: str) -> bool:
         ):
             return False
     return True
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
 
 
 def _instant(value: Any) -> datetime | None:

@@ -13,22 +13,32 @@ the link (a *remote*) so that later pulls take only what changed.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import IO
 
 import orjson
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shlhost.client import ShlClient, ShlError
+from shlhost.client import (
+    FHIR_JSON,
+    SPOOL,
+    DecryptionFailed,
+    Resolved,
+    ShlClient,
+    ShlError,
+    ShlFile,
+)
 from shlhost.crypto.b64 import b64url_decode, b64url_encode
 from shlhost.crypto.keys import unwrap_key, wrap_key
-from shlhost.errors import ShlhostError
+from shlhost.errors import BadRequest, ShlhostError
 from shlhost.phr.importer import Importer, ImportOptions, ImportResult, Item, bundle_items
 from shlhost.phr.store import NewVersion
 from shlhost.shl.payload import Payload
@@ -107,15 +117,14 @@ def pull(
         same_key = remote_payload(remote, kek).key == p.key
         known = json.loads(remote.last_file_updates) if same_key else None
     session.rollback()  # hold no transaction open while the remote answers
-    resolved = client.resolve(p, passcode, known_updates=known)
-    out = PullResult(url=p.url, label=p.label)
-    out.files = len(resolved.files)
-    out.skipped_files = sum(f.skipped for f in resolved.files)
-    out.cards = [c.verification for f in resolved.files for c in f.cards]
-    out.api_access = len(resolved.api_access)
-    resources = resolved.resources()
-    if resources:
-        out.result = _import(session, account_id, p.url, resources, now=now)
+    with client.resolve(p, passcode, known_updates=known) as resolved:
+        out = PullResult(url=p.url, label=p.label)
+        out.files = len(resolved.files)
+        out.skipped_files = sum(f.skipped for f in resolved.files)
+        out.cards = [c.verification for f in resolved.files for c in f.cards]
+        out.api_access = len(resolved.api_access)
+        if any(_importable(f) for f in resolved.files):
+            out.result = _import(session, account_id, p.url, resolved, now=now)
     # Remember the remote and what each file looked like.
     settled = resolved.settled_updates()
     if known:  # files skipped this time keep what we knew of them
@@ -180,32 +189,71 @@ def pull_all(
     return results
 
 
+def _importable(f: ShlFile) -> bool:
+    if f.skipped:
+        return False
+    if f.content_type == FHIR_JSON:
+        return f.plaintext is not None
+    return any(card.bundle is not None for card in f.cards)
+
+
 def _import(
-    session: Session, account_id: int, url: str, resources: list[dict[str, Any]], *, now: datetime
+    session: Session, account_id: int, url: str, resolved: Resolved, *, now: datetime
 ) -> ImportResult:
-    entries = []
-    for resource in resources:
-        meta = resource.get("meta")
-        if isinstance(meta, dict) and "source" in meta:
-            # The link is the source here (the sender's own sources are its business).
-            meta = {k: v for k, v in meta.items() if k != "source"}
-            resource = (
-                {**resource, "meta": meta}
-                if meta
-                else {k: v for k, v in resource.items() if k != "meta"}
-            )
-        entries.append(
-            {"fullUrl": f"{resource['resourceType']}/{resource['id']}", "resource": resource}
-        )
     options = ImportOptions(source=url, format="bundle", protect_local_edits=True)
-    with tempfile.TemporaryFile() as fh:
-        fh.write(orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries}))
-        fh.seek(0)
-        items = list(bundle_items(fh))
-    seen = _superseded(session, account_id, items)
     importer = Importer(session, account_id, options, now=now)
-    result = importer.run(_without(items, seen, importer.result))
-    return result
+    with contextlib.closing(_items(resolved)) as items:  # its temporary files, even on errors
+        fresh = _fresh(session, account_id, map(_without_source, items), importer.result)
+        return importer.run(fresh)
+
+
+def _items(resolved: Resolved) -> Generator[Item, None, None]:
+    """Every resource the fetched files carry: a FHIR file is read from its plaintext by
+    the importer's streaming ``bundle_items`` (never parsed whole), a health card's bundle
+    from a temporary file of it."""
+    for f in resolved.files:
+        if not _importable(f):
+            continue
+        if f.content_type == FHIR_JSON:
+            assert f.plaintext is not None
+            yield from _file_items(f.index, f.plaintext)
+            continue
+        for card in f.cards:
+            if card.bundle is not None:
+                with tempfile.SpooledTemporaryFile(max_size=SPOOL) as fh:
+                    fh.write(orjson.dumps(card.bundle))
+                    yield from _file_items(f.index, fh)
+
+
+def _file_items(index: int, fh: IO[bytes]) -> Iterator[Item]:
+    try:
+        for where, resource, problems in bundle_items(fh):
+            yield f"file {index} {where}", resource, problems
+    except BadRequest as exc:
+        if exc.code != "invalid_json":
+            raise
+        raise DecryptionFailed(f"file {index} decrypts to something that is not JSON") from None
+
+
+def _without_source(item: Item) -> Item:
+    """The link is the source here (the sender's own ``meta.source`` is its business)."""
+    where, resource, problems = item
+    meta = resource.get("meta") if resource is not None else None
+    if resource is None or not isinstance(meta, dict) or "source" not in meta:
+        return item
+    meta = {k: v for k, v in meta.items() if k != "source"}
+    if meta:
+        return where, {**resource, "meta": meta}, problems
+    return where, {k: v for k, v in resource.items() if k != "meta"}, problems
+
+
+def _fresh(
+    session: Session, account_id: int, items: Iterator[Item], result: ImportResult
+) -> Iterator[Item]:
+    """``items`` without those the remote has not changed since a local edit here, looked
+    up ``CHUNK`` at a time (a large file is never held whole)."""
+    while batch := list(itertools.islice(items, CHUNK)):
+        yield from _without(batch, _superseded(session, account_id, batch), result)
 
 
 def _superseded(session: Session, account_id: int, items: list[Item]) -> set[tuple[str, str, str]]:
