@@ -119,7 +119,8 @@ class _Compiled:
             bind = compiled.binds[name]
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             self.binds.append((name, bind.effective_value, processor))
-        columns = list(stmt.exported_columns)  # a SELECT's columns, or RETURNING's
+        # A SELECT's columns, or RETURNING's; none for text() without .columns()
+        columns = list(getattr(stmt, "exported_columns", ()))
         self.row: Any = namedtuple("Row", [c.key for c in columns]) if columns else None
         self.results: list[_Processor] = [
             c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
