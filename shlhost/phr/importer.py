@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from shlhost.errors import BadRequest, PayloadTooLarge, Unprocessable
 from shlhost.phr import fhir
 from shlhost.phr.formats import (
+    IJSON_BUFFER,
     Problem,
     attachments_of,
     clean_resource,
@@ -486,7 +487,7 @@ def _bundle_items(fh: IO[bytes]) -> Iterator[Item]:
     if head.get("resourceType") != "Bundle":
         yield from _single_resource(fh)
         return
-    for index, entry in enumerate(ijson.items(fh, "entry.item", use_float=True), start=1):
+    for index, entry in enumerate(ijson.items(fh, "entry.item", use_float=True, buf_size=IJSON_BUFFER), start=1):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             continue
@@ -512,7 +513,7 @@ def _bundle_items(fh: IO[bytes]) -> Iterator[Item]:
         return None
 
     fh.seek(0)
-    for index, entry in enumerate(ijson.items(fh, "entry.item", use_float=True), start=1):
+    for index, entry in enumerate(ijson.items(fh, "entry.item", use_float=True, buf_size=IJSON_BUFFER), start=1):
         where = f"entry {index}"
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if resource is None:
@@ -530,7 +531,7 @@ def _bundle_items(fh: IO[bytes]) -> Iterator[Item]:
 
 def _top_level(fh: IO[bytes]) -> dict[str, Any]:
     """The top-level resourceType, read without parsing the whole file."""
-    for prefix, event, value in ijson.parse(fh):
+    for prefix, event, value in ijson.parse(fh, buf_size=IJSON_BUFFER):
         if prefix == "resourceType" and event == "string":
             return {"resourceType": value}
     return {}

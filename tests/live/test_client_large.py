@@ -1,4 +1,4 @@
-"""A record larger than the client's old 64 MiB cap, pulled for real: a .sphr with a 72 MiB
+"""A record larger than the client's old 64 MiB cap, pulled for real: a .sphr with a 40 MiB
 random attachment is uploaded to a gunicorn server, and ``POST /api/pull`` on that server
 pulls the link into another account (manifest, file by location, streamed decryption,
 the importer reading the plaintext file). The attachment comes back bit for bit through
@@ -40,7 +40,7 @@ def server(base_config: dict[str, Any]) -> Iterator[LiveServer]:
 def test_a_record_over_the_old_cap_is_pulled_and_its_attachment_is_intact(
     server: LiveServer, runner: Any
 ) -> None:
-    image = os.urandom(72 * MiB)
+    image = os.urandom(40 * MiB)
     digest = hashlib.sha256(image).hexdigest()
     r = requests.post(
         server.url + "/api/links",
@@ -69,6 +69,6 @@ def test_a_record_over_the_old_cap_is_pulled_and_its_attachment_is_intact(
     assert document["meta"]["source"] == created["url"]
     attachment = document["content"][0]["attachment"]
     assert attachment["contentType"] == "application/dicom"
-    assert attachment["size"] == 72 * MiB
+    assert attachment["size"] == 40 * MiB
     data = base64.b64decode(attachment["data"], validate=True)
     assert hashlib.sha256(data).hexdigest() == digest
