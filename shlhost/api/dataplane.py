@@ -25,7 +25,7 @@ PIECE = 1 << 16
 
 
 @bp.post("/<link_id>")
-@limits.limiter.limit(limits.manifest_limit, key_func=limits.per_link_key)
+@limits.limit(limits.manifest_limit, key_func=limits.per_link_key)
 def manifest(link_id: str) -> Response:
     body = json_body()
     with metrics.manifest_outcome():
@@ -82,14 +82,25 @@ def _remaining(blob: IO[bytes]) -> int | None:
     return None
 
 
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Content-Type"),
+    ("Access-Control-Expose-Headers", "Retry-After"),
+    ("Access-Control-Max-Age", "86400"),
+    ("Cache-Control", "no-store"),
+)
+_CORS_NAMES = frozenset(name.lower() for name, _ in CORS_HEADERS)
+
+
 def add_cors(resp: Response) -> Response:
     if request.path.startswith("/shl/"):
-        resp.headers["Access-Control-Allow-Origin"] = "*"
-        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
-        resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
-        resp.headers["Access-Control-Max-Age"] = "86400"
-        resp.headers["Cache-Control"] = "no-store"
+        headers = resp.headers
+        if _CORS_NAMES.isdisjoint(name.lower() for name, _ in headers.items()):
+            headers.extend(CORS_HEADERS)  # one pass, none to replace (the usual case)
+        else:
+            for name, value in CORS_HEADERS:
+                headers[name] = value
     return resp
 
 
