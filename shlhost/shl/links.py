@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hmac
 import json
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -391,7 +392,7 @@ class LinkService:
         file_id: str | None = None,
         tx: RawTransaction | None = None,
     ) -> None:
-        _RAW_LOG.run(
+        _LOG.run(
             self._conn(tx),
             {
                 "link_id": link_id,
@@ -418,14 +419,14 @@ class LinkService:
 
     def _spend_use(self, link_id: str, now: datetime, tx: RawTransaction | None = None) -> bool:
         """Count one use if the link is still live; atomic under concurrency."""
-        row = _RAW_SPEND_USE.first(self._conn(tx), {"link_id": link_id, "now": now})
+        row = _SPEND_USE.first(self._conn(tx), {"link_id": link_id, "now": now})
         return row is not None
 
     def _spend_attempt(
         self, link_id: str, now: datetime, tx: RawTransaction | None = None
     ) -> int | None:
         """Take one attempt from the passcode budget; the attempts left, or None if none were."""
-        row = _RAW_SPEND_ATTEMPT.first(self._conn(tx), {"link_id": link_id, "now": now})
+        row = _SPEND_ATTEMPT.first(self._conn(tx), {"link_id": link_id, "now": now})
         return None if row is None else int(row.attempts_left)
 
     def _live_link(
@@ -439,15 +440,21 @@ class LinkService:
         """The link's row and its files' rows, if it is live; else the uniform dead link."""
         if not (isinstance(link_id, str) and len(link_id) == 43):
             raise DeadLink()  # no query, so no transaction to end
-        conn = self._conn(tx)
-        link = _RAW_LOAD_LINK.first(conn, {"link_id": link_id})
-        if link is None:
+        rows = _LOAD_LINK.all(self._conn(tx), {"link_id": link_id})
+        if not rows:
             self._rollback(tx)
             raise DeadLink()
+        link = rows[0]
         status = link_status(link, now)
         if status != "active":
             raise self._dead(link_id, now, recipient, action, status, tx)
-        return link, _RAW_LOAD_FILES.all(conn, {"link_id": link_id})
+        files = [
+            FileRow(r.file_id, r.file_content_type, r.file_blob_key, r.file_jwe_size,
+                    r.file_last_updated)
+            for r in rows
+            if r.file_id is not None
+        ]
+        return link, files
 
     def manifest(
         self, link_id: str, *, recipient: Any, passcode: Any, embedded_max: Any, now: datetime
@@ -807,52 +814,45 @@ class LinkService:
         return list(self.session.scalars(query))
 
 
-# Prebuilt statements for the data plane: built once, so a request pays only for binding.
+# Prebuilt statements for the data plane, run on the DBAPI cursor (shlhost.storage.rawsql):
+# compiled once per dialect, so a request pays only for binding its values.
 _LINKS, _FILES, _ACCESS = Link.__table__, LinkFile.__table__, Access.__table__
 _ID, _NOW = bindparam("link_id"), bindparam("now")
-_LOAD_LINK = select(
-    _LINKS.c.id,
-    _LINKS.c.revoked_at,
-    _LINKS.c.active,
-    _LINKS.c.exp,
-    _LINKS.c.attempts_left,
-    _LINKS.c.max_uses,
-    _LINKS.c.uses,
-    _LINKS.c.direct,
-    _LINKS.c.long_term,
-    _LINKS.c.passcode_hash,
-).where(_LINKS.c.id == _ID)
-_LOAD_FILES = (
+# The link and its files in one query: a row per file (one row with no file if it has none).
+_FILE_COLUMNS = ("id", "content_type", "blob_key", "jwe_size", "last_updated")
+_LOAD_LINK = RawStatement(
     select(
-        _FILES.c.id,
-        _FILES.c.content_type,
-        _FILES.c.blob_key,
-        _FILES.c.jwe_size,
-        _FILES.c.last_updated,
+        _LINKS.c.id,
+        _LINKS.c.revoked_at,
+        _LINKS.c.active,
+        _LINKS.c.exp,
+        _LINKS.c.attempts_left,
+        _LINKS.c.max_uses,
+        _LINKS.c.uses,
+        _LINKS.c.direct,
+        _LINKS.c.long_term,
+        _LINKS.c.passcode_hash,
+        *(_FILES.c[name].label(f"file_{name}") for name in _FILE_COLUMNS),
     )
-    .where(_FILES.c.link_id == _ID)
+    .select_from(_LINKS.outerjoin(_FILES, _FILES.c.link_id == _LINKS.c.id))
+    .where(_LINKS.c.id == _ID)
     .order_by(_FILES.c.position)
 )
+FileRow = namedtuple("FileRow", _FILE_COLUMNS)
 # A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
-_SPEND_USE = (
+_SPEND_USE = RawStatement(
     update(_LINKS)
     .where(_LINKS.c.id == _ID, Link.live(_NOW))
     .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at)
     .returning(_LINKS.c.uses)
 )
-_SPEND_ATTEMPT = (
+_SPEND_ATTEMPT = RawStatement(
     update(_LINKS)
     .where(_LINKS.c.id == _ID, Link.live(_NOW), _LINKS.c.attempts_left > 0)
     .values(attempts_left=_LINKS.c.attempts_left - 1, updated_at=_LINKS.c.updated_at)
     .returning(_LINKS.c.attempts_left)
 )
-_LOG = insert(_ACCESS)
-# The same, run on the DBAPI cursor (see shlhost.storage.rawsql): the manifest's path.
-_RAW_LOAD_LINK = RawStatement(_LOAD_LINK)
-_RAW_LOAD_FILES = RawStatement(_LOAD_FILES)
-_RAW_SPEND_USE = RawStatement(_SPEND_USE)
-_RAW_SPEND_ATTEMPT = RawStatement(_SPEND_ATTEMPT)
-_RAW_LOG = RawStatement(
+_LOG = RawStatement(
     insert(_ACCESS).values(
         {
             column: bindparam(column.key, type_=column.type)

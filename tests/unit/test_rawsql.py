@@ -44,21 +44,23 @@ def test_rows_read_raw_equal_what_the_orm_reads(engine: Engine, session: Session
     exp = NOW + timedelta(days=3)
     link_id = new_link(session, exp=exp, long_term=True, max_uses=7, passcode_hash="h")
     with engine.connect() as conn:
-        row = links._RAW_LOAD_LINK.first(conn, {"link_id": link_id})
+        row = links._LOAD_LINK.first(conn, {"link_id": link_id})
         conn.rollback()
     assert row.exp == exp and row.exp.tzinfo is not None
     assert row.long_term is True and row.direct is False and row.active is True
     assert (row.max_uses, row.uses, row.passcode_hash, row.revoked_at) == (7, 0, "h", None)
+    assert row.file_id is None  # no files: one row, its file columns empty
     orm = session.get(Link, link_id)
     assert orm is not None
     for name in row._fields:
-        assert getattr(row, name) == getattr(orm, name), name
+        if not name.startswith("file_"):
+            assert getattr(row, name) == getattr(orm, name), name
 
 
 def test_values_written_raw_read_back_through_the_orm(engine: Engine, session: Session) -> None:
     link_id = new_link(session)
     with RawTransaction(engine) as tx:
-        links._RAW_LOG.run(
+        links._LOG.run(
             tx,
             {"link_id": link_id, "at": NOW, "recipient": "Dr R", "action": "manifest",
              "outcome": "ok", "file_id": None},
@@ -76,8 +78,8 @@ def test_values_written_raw_read_back_through_the_orm(engine: Engine, session: S
 def test_the_conditional_update_rechecks_liveness(engine: Engine, session: Session) -> None:
     link_id = new_link(session, max_uses=2, exp=NOW + timedelta(minutes=1))
     with RawTransaction(engine) as tx:
-        spent = [links._RAW_SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) for _ in range(3)]
-        late = links._RAW_SPEND_USE.first(
+        spent = [links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) for _ in range(3)]
+        late = links._SPEND_USE.first(
             tx, {"link_id": link_id, "now": NOW + timedelta(minutes=2)})
         tx.commit()
     assert [row and row.uses for row in spent] == [1, 2, None]
@@ -90,10 +92,10 @@ def test_rollback_and_close_discard_the_transaction(engine: Engine, session: Ses
     link_id = new_link(session)
     for end in ("rollback", "close"):
         tx = RawTransaction(engine)
-        assert links._RAW_SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) is not None
+        assert links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) is not None
         getattr(tx, end)()
     with pytest.raises(RuntimeError), RawTransaction(engine) as tx:
-        links._RAW_SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         raise RuntimeError("boom")
     session.expire_all()
     assert session.get(Link, link_id).uses == 0  # type: ignore[union-attr]
@@ -102,9 +104,9 @@ def test_rollback_and_close_discard_the_transaction(engine: Engine, session: Ses
 def test_a_new_transaction_after_commit(engine: Engine, session: Session) -> None:
     link_id = new_link(session)
     with RawTransaction(engine) as tx:
-        links._RAW_SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         tx.commit()
-        links._RAW_SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         # left open: the context manager rolls the second one back
     session.expire_all()
     assert session.get(Link, link_id).uses == 1  # type: ignore[union-attr]
@@ -113,7 +115,7 @@ def test_a_new_transaction_after_commit(engine: Engine, session: Session) -> Non
 def test_errors_are_sqlalchemys_and_hide_their_parameters(engine: Engine) -> None:
     secret = "a-recipient-that-must-not-be-logged"
     with pytest.raises(IntegrityError) as caught, RawTransaction(engine) as tx:
-        links._RAW_LOG.run(
+        links._LOG.run(
             tx,
             {"link_id": "no such link", "at": NOW, "recipient": secret, "action": "manifest",
              "outcome": "ok", "file_id": None},
@@ -128,8 +130,8 @@ def test_errors_are_sqlalchemys_and_hide_their_parameters(engine: Engine) -> Non
 def test_literals_of_the_statement_are_bound(engine: Engine, session: Session) -> None:
     link_id = new_link(session, attempts_left=1)
     with RawTransaction(engine) as tx:
-        first = links._RAW_SPEND_ATTEMPT.first(tx, {"link_id": link_id, "now": NOW})
-        second = links._RAW_SPEND_ATTEMPT.first(tx, {"link_id": link_id, "now": NOW})
+        first = links._SPEND_ATTEMPT.first(tx, {"link_id": link_id, "now": NOW})
+        second = links._SPEND_ATTEMPT.first(tx, {"link_id": link_id, "now": NOW})
         tx.commit()
     assert first is not None and first.attempts_left == 0
     assert second is None  # attempts_left > 0 no longer holds
