@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -177,6 +178,21 @@ def link_list() -> None:
             click.echo(f"{item.id}  {item.status(now):8}  {item.flag or '-':3}  uses {uses:7}  {item.label or ''}")
 
 
+LINK_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class TakesLinkId(click.Command):
+    """A link id is base64url, so one in 64 starts with '-': never read one as an option.
+    Such an id is moved behind a ``--`` (unless the caller wrote one)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            ids = [a for a in args if a.startswith("-") and LINK_ID.fullmatch(a)]
+            if ids:
+                args = [a for a in args if a not in ids] + ["--", *ids]
+        return super().parse_args(ctx, args)
+
+
 def _find(service: LinkService, link_id: str) -> Link:
     found = service.session.get(Link, link_id)
     if found is None:
@@ -185,7 +201,7 @@ def _find(service: LinkService, link_id: str) -> Link:
     return found
 
 
-@link.command("show")
+@link.command("show", cls=TakesLinkId)
 @click.argument("link_id")
 @with_appcontext
 def link_show(link_id: str) -> None:
@@ -194,7 +210,7 @@ def link_show(link_id: str) -> None:
         click.echo(json.dumps(service.describe(_find(service, link_id), _now()), indent=2))
 
 
-@link.command("revoke")
+@link.command("revoke", cls=TakesLinkId)
 @click.argument("link_id")
 @with_appcontext
 def link_revoke(link_id: str) -> None:
@@ -204,7 +220,7 @@ def link_revoke(link_id: str) -> None:
     click.echo(f"revoked {link_id}")
 
 
-@link.command("qr")
+@link.command("qr", cls=TakesLinkId)
 @click.argument("link_id")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="file to write; .svg gives SVG, anything else PNG")

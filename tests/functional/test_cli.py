@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shlhost.cli import cli
 from shlhost.storage import migrate
 from tests.conftest import fixture_path
@@ -22,6 +24,14 @@ def test_db_upgrade_reports_the_revision(runner):
     result = runner.invoke(cli, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert f"revision {migrate.head()}" in result.output
+
+
+@pytest.mark.parametrize("command", [["show"], ["revoke"], ["qr", "-o", "x.png"], ["qr", "--viewer", "-o", "x.png"]])
+def test_a_link_id_starting_with_a_dash_is_an_id_not_an_option(runner, command):
+    """One link id in 64 starts with '-' (base64url): it must still name the link."""
+    dashed = "-i" + "A" * 41
+    result = runner.invoke(cli, ["link", command[0], dashed, *command[1:]])
+    assert result.exit_code == 2 and f"no link {dashed}" in result.output, result.output
 
 
 def test_link_create_list_show_revoke(runner, tmp_path, client):
