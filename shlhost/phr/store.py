@@ -44,6 +44,10 @@ def etag(row: ResourceRow) -> str:
     return f'W/"{row.version_id}"'
 
 
+# Conflict ids are a 32-bit integer column (PostgreSQL's ``integer``).
+CONFLICT_ID_MAX = 2**31 - 1
+
+
 @dataclass
 class NewVersion:
     """Everything needed to write one version; built the same way by every writer."""
@@ -278,6 +282,8 @@ class RecordStore:
         return list(self.session.scalars(query.order_by(ResourceConflict.id)))
 
     def conflict(self, conflict_id: int) -> ResourceConflict:
+        if not 0 < conflict_id <= CONFLICT_ID_MAX:  # never sent to the driver: a 404, not a 500
+            raise NotFound("no such conflict")
         found = self.session.get(ResourceConflict, conflict_id)
         if found is None or found.account_id != self.account_id:
             raise NotFound("no such conflict")
