@@ -110,7 +110,16 @@ _UPLOAD_BODY = {
             "schema": {
                 "type": "object",
                 "properties": {
-                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "file": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "a FHIR Bundle or resource (.json), .phr/.ndjson, .sphr, a SMART "
+                        "Health Card file, or a pre-encrypted compact JWE (*.jwe)",
+                    },
+                    "contentType": {
+                        "type": "string",
+                        "description": "content type of *.jwe parts (default: the JWE header's cty)",
+                    },
                     "label": {"type": "string"},
                     "passcode": {"type": "string"},
                     "exp": {"type": "string"},
