@@ -48,6 +48,9 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "S3_REGION": None,
         # shlhost gc: ciphertext of links expired or revoked longer ago than this is purged.
         "RETENTION_DAYS": 30,
+        # Small blobs (the files manifests embed) kept in memory by each process, bytes; 0: none.
+        # Blobs are never rewritten in place, so the cache cannot go stale.
+        "BLOB_CACHE_BYTES": 32 * 1024 * 1024,
         # shlhost gc: an unreferenced blob younger than this may be an upload in flight.
         "BLOB_GRACE_SECONDS": 3600,
         # "json" (one object per line) or "text"; None: json in production, text otherwise.

@@ -92,6 +92,7 @@ class EncryptedFile:
 NewFile = PreparedFile | EncryptedFile
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+_Blob = TypeVar("_Blob")
 
 
 def _closes_files(method: _Method) -> _Method:
@@ -533,19 +534,23 @@ class LinkService:
         return {"status": "can-change" if long_term else "finalized", "files": entries}
 
     def _read_file(self, file_id: str, blob_key: str | None) -> str:
-        """A (small) file's JWE, for embedding in a manifest."""
-        with self._open_file(file_id, blob_key) as stream:
-            return stream.read().decode("ascii")
+        """A (small) file's JWE, for embedding in a manifest (cached by the blob store)."""
+        return self._blob(file_id, blob_key, self.blobs.get).decode("ascii")
 
     def _open_file(self, file_id: str, blob_key: str | None) -> IO[bytes]:
-        """A file's JWE as a stream. An L link's file may be replaced between reading its row
-        and opening its blob (the old blob is deleted once the new one is in): then read the
-        row again. Once open, a local or S3 blob reads whole even if it is deleted meanwhile."""
+        """A file's JWE as a stream. Once open, a local or S3 blob reads whole even if it is
+        deleted meanwhile."""
+        return self._blob(file_id, blob_key, self.blobs.open)
+
+    def _blob(self, file_id: str, blob_key: str | None, read: Callable[[str], _Blob]) -> _Blob:
+        """``read`` of a file's blob. An L link's file may be replaced between reading its
+        row and its blob (the old blob is deleted once the new one is in): then read the row
+        again."""
         for _attempt in range(3):
             if blob_key is None:
                 break
             try:
-                return self.blobs.open(blob_key)
+                return read(blob_key)
             except KeyError:
                 blob_key = (
                     self.session.connection().execute(_BLOB_KEY, {"file_id": file_id}).scalar()

@@ -21,6 +21,8 @@ import io
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -363,11 +365,97 @@ class S3BlobStore:
             self._probe.head_bucket(Bucket=self.bucket)
 
 
+class CachingBlobStore:
+    """Any store, with its small blobs kept in memory (least recently used first out).
+
+    shlhost never rewrites a blob in place: a new version of a file is written under a new
+    key and the row is pointed at it, a revoked file's row forgets its key. So a cached blob
+    cannot go stale, even when another server deletes it; ``put``, ``writer`` and ``delete``
+    through this store drop the key all the same. Only ``get`` fills the cache (the
+    manifest's embedded files); ``open`` serves a cached blob from memory and streams the
+    rest.
+    """
+
+    def __init__(self, inner: BlobStore, max_bytes: int, max_item: int = 256 * 1024) -> None:
+        self.inner = inner
+        self.max_bytes = max_bytes
+        self.max_item = min(max_item, max_bytes)
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def _cached(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_item:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._size += len(data)
+            while self._size > self.max_bytes:
+                _old, dropped = self._items.popitem(last=False)
+                self._size -= len(dropped)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            dropped = self._items.pop(key, None)
+            if dropped is not None:
+                self._size -= len(dropped)
+
+    def get(self, key: str) -> bytes:
+        data = self._cached(key)
+        if data is None:
+            data = self.inner.get(key)
+            self._remember(key, data)
+        return data
+
+    def open(self, key: str) -> IO[bytes]:
+        data = self._cached(key)
+        return io.BytesIO(data) if data is not None else self.inner.open(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._forget(key)
+        self.inner.put(key, data)
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        self._forget(key)
+        with self.inner.writer(key) as out:
+            yield out
+
+    def delete(self, key: str) -> None:
+        self._forget(key)
+        self.inner.delete(key)
+
+    def exists(self, key: str) -> bool:
+        return self._cached(key) is not None or self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        return self.inner.list(prefix)
+
+    def ping(self) -> None:
+        self.inner.ping()
+
+
 BACKENDS = ("local", "database", "s3")
 
 
 def make_blob_store(config: dict[str, Any], engine: Engine | None = None) -> BlobStore:
-    """The store ``BLOB_BACKEND`` names. ``database`` writes through ``engine``."""
+    """The store ``BLOB_BACKEND`` names, with ``BLOB_CACHE_BYTES`` of small blobs kept in
+    memory (0: none). ``database`` writes through ``engine``."""
+    store = _backend(config, engine)
+    cache = int(config.get("BLOB_CACHE_BYTES") or 0)
+    return CachingBlobStore(store, cache) if cache > 0 else store
+
+
+def _backend(config: dict[str, Any], engine: Engine | None) -> BlobStore:
     backend = config["BLOB_BACKEND"]
     if backend == "local":
         return LocalBlobStore(config["BLOB_PATH"])

@@ -25,7 +25,8 @@ class Backend:
 
     def __init__(self, name: str, app: Flask, s3: S3Server | None = None) -> None:
         self.name, self.app, self.s3 = name, app, s3
-        self.store = app.extensions["shlhost"].blobs
+        blobs = app.extensions["shlhost"].blobs
+        self.store = getattr(blobs, "inner", blobs)  # the backend behind the memory cache
 
     def keys(self, link_id: str) -> set[str]:
         prefix = f"links/{link_id}/"

@@ -35,16 +35,16 @@ def test_an_overlong_passcode_is_wrong_even_if_it_starts_right(api):
 def test_a_file_swapped_during_a_manifest_is_read_again(api, app, monkeypatch):
     created = api.create(flags="L")
     blobs = app.extensions["shlhost"].blobs
-    real_open = blobs.open
+    real_get = blobs.get
     calls = []
 
-    def flaky_open(key):
+    def flaky_get(key):
         calls.append(key)
         if len(calls) == 1:
             raise KeyError(key)  # as if replace_file had deleted the old blob just now
-        return real_open(key)
+        return real_get(key)
 
-    monkeypatch.setattr(blobs, "open", flaky_open)
+    monkeypatch.setattr(blobs, "get", flaky_get)
     r = api.manifest(created, embeddedLengthMax=10**6)
     assert r.status_code == 200 and len(calls) == 2
     assert b"Metformin" in independent_decrypt(r.get_json()["files"][0]["embedded"], api.key(created))[1]
