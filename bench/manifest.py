@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,8 @@ class Result:
     samples: list[str] = field(default_factory=list)
     # CPU seconds the gunicorn processes spent during the run (Linux /proc), or None.
     server_cpu_s: float | None = None
+    # The load's keep-alive connections held by each worker, a second into the run.
+    per_worker: list[int] = field(default_factory=list)
 
     @property
     def cpu_ms_per_request(self) -> float | None:
@@ -661,6 +664,33 @@ def process_tree_cpu(root_pid: int) -> float | None:
     return total / tick
 
 
+def connections_per_worker(master: int, port: int) -> list[int]:
+    """Established connections to ``port`` held by each of the master's worker processes
+    (most first): gunicorn's workers race for accept(), and keep-alive pins a connection
+    to the worker that won it, so the load may sit on one worker while another idles."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    counts = []
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        held = 0
+        try:
+            for fd in Path(f"/proc/{child}/fd").iterdir():
+                target = os.readlink(fd)
+                held += target.startswith("socket:[") and target[8:-1] in inodes
+        except OSError:
+            continue
+        counts.append(held)
+    return sorted(counts, reverse=True)
+
+
 def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
@@ -698,8 +728,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   connections=args.connections, workdir=workdir,
                                   name=f"{name}-warmup")
             cpu_before = process_tree_cpu(server.pid)
+            spread: list[int] = []
+            sampler = threading.Timer(
+                1.0, lambda: spread.extend(connections_per_worker(server.pid, server.port))
+            )
+            sampler.start()
             results[name] = load(loader, server.port, method, paths, data, seconds=args.duration,
                                  connections=args.connections, workdir=workdir, name=name)
+            sampler.join()
+            results[name].per_worker = spread
             cpu_after = process_tree_cpu(server.pid)
             if cpu_before is not None and cpu_after is not None:
                 results[name].server_cpu_s = cpu_after - cpu_before
@@ -765,14 +802,15 @@ def print_table(report: dict[str, Any]) -> None:
           f"(embeddedLengthMax 100000); {spread}")
     print()
     header = (f"{'endpoint':<18} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'errors':>7} {'server CPU ms/req':>18}")
+              f"{'errors':>7} {'server CPU ms/req':>18} {'conns per worker':>17}")
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         cpu = r["server_cpu_ms_per_request"]
         cpu_text = "n/a" if cpu is None else f"{cpu:.2f}"
+        spread_text = "/".join(str(n) for n in r["per_worker"]) or "n/a"
         print(f"{r['endpoint']:<18} {r['requests']:>9} {r['rps']:>9.1f} {r['p50_ms']:>8.2f} "
-              f"{r['p99_ms']:>8.2f} {r['errors']:>7} {cpu_text:>18}")
+              f"{r['p99_ms']:>8.2f} {r['errors']:>7} {cpu_text:>18} {spread_text:>17}")
     print()
     verdict = "PASS" if report["pass"] else "FAIL"
     print(f"manifest/trivial = {report['ratio']:.2f}   target >= {report['target']:.2f}   "
