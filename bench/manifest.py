@@ -730,7 +730,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu_before = process_tree_cpu(server.pid)
             spread: list[int] = []
             sampler = threading.Timer(
-                1.0, lambda: spread.extend(connections_per_worker(server.pid, server.port))
+                1.0, lambda out=spread: out.extend(connections_per_worker(server.pid, server.port))
             )
             sampler.start()
             results[name] = load(loader, server.port, method, paths, data, seconds=args.duration,
