@@ -191,20 +191,20 @@ def _scan(src: IO[bytes], *, expected_cty: str | None, check_ciphertext: bool) -
     head = src.read(HEADER_MAX)
     lead = len(head) - len(head.lstrip())
     head = head[lead:]
-    end = src.seek(0, os.SEEK_END)
-    src.seek(max(start, end - TAIL_MAX))
-    tail = src.read()
-    end -= len(tail) - len(tail.rstrip())
+    tail_start = max(start, src.seek(0, os.SEEK_END) - TAIL_MAX)
+    src.seek(tail_start)
+    tail = src.read().rstrip()
+    end = tail_start + len(tail)  # the token's end, without trailing whitespace
     parts = head.split(b".", 3)
     if len(parts) < 4:
         raise _invalid(FIVE_PARTS)
     protected_b, encrypted_key, iv_b = parts[0], parts[1], parts[2]
     ct_start = start + lead + len(protected_b) + len(encrypted_key) + len(iv_b) + 3
-    last_dot = tail.rstrip().rfind(b".")
-    ct_end = end - (len(tail.rstrip()) - last_dot) if last_dot >= 0 else -1
+    last_dot = tail.rfind(b".")
+    ct_end = tail_start + last_dot if last_dot >= 0 else -1
     if ct_end < ct_start:
         raise _invalid(FIVE_PARTS)
-    tag_b = tail.rstrip()[last_dot + 1 :]
+    tag_b = tail[last_dot + 1 :]
     try:
         protected = protected_b.decode("ascii")
         header = json.loads(b64url_decode(protected))

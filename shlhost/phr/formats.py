@@ -103,10 +103,6 @@ def iter_ndjson(lines: Iterable[bytes], source: str | None = None) -> Iterator[t
         yield number, resource, problems
 
 
-class LineTooLong(Exception):
-    pass
-
-
 def capped_lines(stream: IO[bytes], max_line: int) -> Iterator[bytes]:
     """Lines of a binary stream; a line longer than ``max_line`` is skipped to its end and
     replaced by an empty marker, so one huge line never has to fit in memory."""
