@@ -18,6 +18,7 @@ from shlhost import config as config_mod
 from shlhost.crypto.passcodes import hasher
 from shlhost.shl.links import LinkSettings
 from shlhost.shl.tickets import derive_secret
+from shlhost.shl.uses import UseRecorder
 from shlhost.storage.blobs import BlobStore, make_blob_store
 from shlhost.storage.db import make_engine, make_sessionmaker
 
@@ -33,6 +34,7 @@ class Runtime:
     blobs: BlobStore
     links: LinkSettings
     hasher: PasswordHasher
+    uses: UseRecorder
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -69,6 +71,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             embed_max=int(app.config["EMBED_MAX_BYTES"]),
         ),
         hasher=ph,
+        uses=UseRecorder(engine),
     )
 
     from shlhost import logs, metrics

@@ -38,6 +38,7 @@ from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile, link_status
+from shlhost.shl.uses import LOG_ACCESS, SPEND_USE, UseRecorder, access_row
 from shlhost.storage.rawsql import RawStatement, RawTransaction
 
 
@@ -50,7 +51,6 @@ class KeyUnavailable(Conflict):
         )
 
 
-RECIPIENT_MAX = 200
 PASSCODE_MAX = 200
 
 
@@ -214,10 +214,27 @@ def _iso(when: datetime | None) -> str | None:
 
 
 class LinkService:
-    def __init__(self, session: Session, blobs: BlobStore, settings: LinkSettings) -> None:
+    def __init__(
+        self,
+        session: Session,
+        blobs: BlobStore,
+        settings: LinkSettings,
+        uses: UseRecorder | None = None,
+    ) -> None:
         self.session = session
         self.blobs = blobs
         self.settings = settings
+        # The process's shared recorder batches the uses of concurrent requests; without
+        # one, each use is its own transaction.
+        self._uses = uses
+
+    @property
+    def uses(self) -> UseRecorder:
+        if self._uses is None:
+            bind = self.session.get_bind()
+            assert isinstance(bind, Engine), "a LinkService's session is bound to an engine"
+            self._uses = UseRecorder(bind)
+        return self._uses
 
     # -- creation ------------------------------------------------------------------------
 
@@ -393,16 +410,8 @@ class LinkService:
         file_id: str | None = None,
         tx: RawTransaction | None = None,
     ) -> None:
-        _LOG.run(
-            self._conn(tx),
-            {
-                "link_id": link_id,
-                "at": now,
-                "recipient": (recipient or None) and recipient[:RECIPIENT_MAX],
-                "action": action,
-                "outcome": outcome,
-                "file_id": file_id,
-            },
+        LOG_ACCESS.run(
+            self._conn(tx), access_row(link_id, now, recipient, action, outcome, file_id)
         )
 
     def _dead(
@@ -418,10 +427,12 @@ class LinkService:
         self._commit(tx)
         return DeadLink()
 
-    def _spend_use(self, link_id: str, now: datetime, tx: RawTransaction | None = None) -> bool:
-        """Count one use if the link is still live; atomic under concurrency."""
-        row = _SPEND_USE.first(self._conn(tx), {"link_id": link_id, "now": now})
-        return row is not None
+    def _spend_use(self, link_id: str, now: datetime, recipient: str | None, action: str) -> None:
+        """Count one use and log the access, committed with the other requests' that arrive
+        meanwhile; the uniform dead link if the link stopped being live since it was read
+        (logged as such). No transaction may be open: the recorder writes on its own."""
+        if not self.uses.record(link_id, now, recipient, action):
+            raise DeadLink()
 
     def _spend_attempt(
         self, link_id: str, now: datetime, tx: RawTransaction | None = None
@@ -477,9 +488,9 @@ class LinkService:
                 raise BadRequest(
                     "this is a U link: GET the url with a recipient", code="direct_link"
                 )
+            # End the read transaction (before argon2, before the recorder's own).
+            self._commit(tx)
             if link.passcode_hash is not None:
-                # End the read transaction before argon2 so no lock is held meanwhile.
-                self._commit(tx)
                 if not passcode:
                     # No guess was made; the budget is untouched.
                     raise WrongPasscode(int(link.attempts_left or 0))
@@ -493,13 +504,10 @@ class LinkService:
                     if left is None:
                         raise DeadLink()
                     raise WrongPasscode(left)
-            if not self._spend_use(link_id, now, tx):
-                raise self._dead(link_id, now, recipient, "manifest", "dead", tx)
-            self._log(link_id, now, recipient, "manifest", "ok", tx=tx)
-            self._commit(tx)
         finally:
             if tx is not None:
                 tx.close()  # rolls back whatever an error left open
+        self._spend_use(link_id, now, recipient, "manifest")
         return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
 
     def _manifest_body(
@@ -565,10 +573,8 @@ class LinkService:
         if not link.direct:
             self.session.rollback()
             raise BadRequest("this link has a manifest: POST to it", code="manifest_link")
-        if not self._spend_use(link_id, now):
-            raise self._dead(link_id, now, recipient, "direct", "dead")
-        self._log(link_id, now, recipient, "direct", "ok")
-        self.session.commit()
+        self.session.rollback()  # end the read transaction before the recorder's
+        self._spend_use(link_id, now, recipient, "direct")
         current = next((f for f in files if f.blob_key), None)
         if current is None:
             raise DeadLink()
@@ -844,33 +850,12 @@ _LOAD_LINK = RawStatement(
     .order_by(_FILES.c.position)
 )
 FileRow = namedtuple("FileRow", _FILE_COLUMNS)
-# A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
-_SPEND_USE = RawStatement(
-    update(_LINKS)
-    .where(_LINKS.c.id == _ID, Link.live(_NOW))
-    .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at)
-    .returning(_LINKS.c.uses)
-)
+# An attempt is not a change: updated_at is set to itself to keep its onupdate away.
 _SPEND_ATTEMPT = RawStatement(
     update(_LINKS)
     .where(_LINKS.c.id == _ID, Link.live(_NOW), _LINKS.c.attempts_left > 0)
     .values(attempts_left=_LINKS.c.attempts_left - 1, updated_at=_LINKS.c.updated_at)
     .returning(_LINKS.c.attempts_left)
-)
-_LOG = RawStatement(
-    insert(_ACCESS).values(
-        {
-            column: bindparam(column.key, type_=column.type)
-            for column in (
-                _ACCESS.c.link_id,
-                _ACCESS.c.at,
-                _ACCESS.c.recipient,
-                _ACCESS.c.action,
-                _ACCESS.c.outcome,
-                _ACCESS.c.file_id,
-            )
-        }
-    )
 )
 _BLOB_KEY = select(_FILES.c.blob_key).where(_FILES.c.id == bindparam("file_id"))
 _SERVABLE_FILE = (

@@ -20,7 +20,7 @@ and a connection the database dropped leaves the pool, as with SQLAlchemy's own 
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -154,7 +154,10 @@ class RawStatement:
         self._compiled: dict[Dialect, _Compiled] = {}
 
     def _execute(
-        self, conn: Connection | RawTransaction, params: Mapping[str, Any]
+        self,
+        conn: Connection | RawTransaction,
+        params: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        many: bool = False,
     ) -> tuple[_Compiled, Any]:
         dialect = conn.dialect
         compiled = self._compiled.get(dialect)
@@ -165,9 +168,15 @@ class RawStatement:
         else:
             dbapi_conn = conn.connection.driver_connection
         cursor = dbapi_conn.cursor()
-        parameters = compiled.parameters(params)
+        if many:
+            parameters: Any = [compiled.parameters(p) for p in params]  # type: ignore[arg-type]
+        else:
+            parameters = compiled.parameters(params)  # type: ignore[arg-type]
         try:
-            cursor.execute(compiled.sql, parameters)
+            if many:
+                cursor.executemany(compiled.sql, parameters)
+            else:
+                cursor.execute(compiled.sql, parameters)
         except dialect.loaded_dbapi.Error as exc:
             cursor.close()
             gone = dialect.is_disconnect(exc, dbapi_conn, cursor)
@@ -205,3 +214,11 @@ class RawStatement:
         """Execute a statement that returns nothing."""
         _compiled, cursor = self._execute(conn, params)
         cursor.close()
+
+    def run_many(
+        self, conn: Connection | RawTransaction, params: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Execute a statement that returns nothing once for each set of parameters."""
+        if params:
+            _compiled, cursor = self._execute(conn, params, many=True)
+            cursor.close()

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shlhost.shl import links
+from shlhost.shl import links, uses
 from shlhost.storage.models import Access, Link
 from shlhost.storage.rawsql import RawStatement, RawTransaction
 
@@ -60,7 +60,7 @@ def test_rows_read_raw_equal_what_the_orm_reads(engine: Engine, session: Session
 def test_values_written_raw_read_back_through_the_orm(engine: Engine, session: Session) -> None:
     link_id = new_link(session)
     with RawTransaction(engine) as tx:
-        links._LOG.run(
+        uses.LOG_ACCESS.run(
             tx,
             {"link_id": link_id, "at": NOW, "recipient": "Dr R", "action": "manifest",
              "outcome": "ok", "file_id": None},
@@ -78,8 +78,8 @@ def test_values_written_raw_read_back_through_the_orm(engine: Engine, session: S
 def test_the_conditional_update_rechecks_liveness(engine: Engine, session: Session) -> None:
     link_id = new_link(session, max_uses=2, exp=NOW + timedelta(minutes=1))
     with RawTransaction(engine) as tx:
-        spent = [links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) for _ in range(3)]
-        late = links._SPEND_USE.first(
+        spent = [uses.SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) for _ in range(3)]
+        late = uses.SPEND_USE.first(
             tx, {"link_id": link_id, "now": NOW + timedelta(minutes=2)})
         tx.commit()
     assert [row and row.uses for row in spent] == [1, 2, None]
@@ -92,10 +92,10 @@ def test_rollback_and_close_discard_the_transaction(engine: Engine, session: Ses
     link_id = new_link(session)
     for end in ("rollback", "close"):
         tx = RawTransaction(engine)
-        assert links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) is not None
+        assert uses.SPEND_USE.first(tx, {"link_id": link_id, "now": NOW}) is not None
         getattr(tx, end)()
     with pytest.raises(RuntimeError), RawTransaction(engine) as tx:
-        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        uses.SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         raise RuntimeError("boom")
     session.expire_all()
     assert session.get(Link, link_id).uses == 0  # type: ignore[union-attr]
@@ -104,9 +104,9 @@ def test_rollback_and_close_discard_the_transaction(engine: Engine, session: Ses
 def test_a_new_transaction_after_commit(engine: Engine, session: Session) -> None:
     link_id = new_link(session)
     with RawTransaction(engine) as tx:
-        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        uses.SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         tx.commit()
-        links._SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
+        uses.SPEND_USE.first(tx, {"link_id": link_id, "now": NOW})
         # left open: the context manager rolls the second one back
     session.expire_all()
     assert session.get(Link, link_id).uses == 1  # type: ignore[union-attr]
@@ -115,7 +115,7 @@ def test_a_new_transaction_after_commit(engine: Engine, session: Session) -> Non
 def test_errors_are_sqlalchemys_and_hide_their_parameters(engine: Engine) -> None:
     secret = "a-recipient-that-must-not-be-logged"
     with pytest.raises(IntegrityError) as caught, RawTransaction(engine) as tx:
-        links._LOG.run(
+        uses.LOG_ACCESS.run(
             tx,
             {"link_id": "no such link", "at": NOW, "recipient": secret, "action": "manifest",
              "outcome": "ok", "file_id": None},

@@ -1,0 +1,219 @@
+"""Counting a link's uses and logging them, with the requests that arrive together
+committed together (group commit).
+
+A manifest or a U-link request that is answered counts one use of its link and writes one
+access-log row, and both are committed before the answer goes out: a record is never
+served without its access being on the log, and ``max_uses`` is never exceeded. One
+transaction per request made every request queue for the database's single writer (on
+SQLite the writer lock, ``BEGIN IMMEDIATE``, ``COMMIT``; on PostgreSQL the link row's lock
+and a durable commit), so under load requests mostly waited for each other.
+
+A ``UseRecorder`` (one per process and engine) lets the threads of a process share that
+wait: the first thread to arrive writes, in one transaction, every use that is queued when
+it starts; the threads that arrive meanwhile wait, and the oldest of them writes the next
+batch as soon as the current one is committed. Nobody waits for a timer, a lone request is
+written at once, and each request still returns only after its own use is committed (or
+raises the error that stopped its commit). If a batch fails, its uses are written again
+one transaction each, so one use that cannot be written does not fail the others.
+
+In a batch, the uses of one link are counted with one conditional ``UPDATE`` when all of
+them fit (live link, ``uses + n <= max_uses``); otherwise one at a time, in arrival order,
+so exactly the uses that are left are granted. All the access-log rows go in with one
+``executemany``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, insert, or_, update
+
+from shlhost.storage.models import Access, Link
+from shlhost.storage.rawsql import RawStatement, RawTransaction
+
+# The longest access-log field we keep for a recipient (the spec's recipient is free text).
+RECIPIENT_MAX = 200
+# Uses written by one transaction at most; the rest wait for the next one.
+BATCH_MAX = 64
+
+_LINKS, _ACCESS = Link.__table__, Access.__table__
+_ID, _NOW, _N = bindparam("link_id"), bindparam("now"), bindparam("n")
+
+# A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
+SPEND_USE = RawStatement(
+    update(_LINKS)
+    .where(_LINKS.c.id == _ID, Link.live(_NOW))
+    .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at)
+    .returning(_LINKS.c.uses)
+)
+# ``n`` uses at once, only if all of them fit.
+_SPEND_USES = RawStatement(
+    update(_LINKS)
+    .where(
+        _LINKS.c.id == _ID,
+        Link.servable(_NOW),
+        or_(_LINKS.c.attempts_left.is_(None), _LINKS.c.attempts_left > 0),
+        or_(_LINKS.c.max_uses.is_(None), _LINKS.c.uses + _N <= _LINKS.c.max_uses),
+    )
+    .values(uses=_LINKS.c.uses + _N, updated_at=_LINKS.c.updated_at)
+    .returning(_LINKS.c.uses)
+)
+LOG_ACCESS = RawStatement(
+    insert(_ACCESS).values(
+        {
+            column: bindparam(column.key, type_=column.type)
+            for column in (
+                _ACCESS.c.link_id,
+                _ACCESS.c.at,
+                _ACCESS.c.recipient,
+                _ACCESS.c.action,
+                _ACCESS.c.outcome,
+                _ACCESS.c.file_id,
+            )
+        }
+    )
+)
+
+
+def access_row(
+    link_id: str,
+    now: datetime,
+    recipient: str | None,
+    action: str,
+    outcome: str,
+    file_id: str | None = None,
+) -> dict[str, Any]:
+    """The parameters of ``LOG_ACCESS`` for one access."""
+    return {
+        "link_id": link_id,
+        "at": now,
+        "recipient": (recipient or None) and recipient[:RECIPIENT_MAX],
+        "action": action,
+        "outcome": outcome,
+        "file_id": file_id,
+    }
+
+
+class BatchFailed(RuntimeError):
+    """The thread writing this request's use was interrupted; nothing of it was written."""
+
+
+_WAITING, _LEADING, _DONE = 0, 1, 2
+
+
+class _Use:
+    __slots__ = ("link_id", "now", "recipient", "action", "state", "counted", "error")
+
+    def __init__(self, link_id: str, now: datetime, recipient: str | None, action: str) -> None:
+        self.link_id = link_id
+        self.now = now
+        self.recipient = recipient
+        self.action = action
+        self.state = _WAITING
+        self.counted = False
+        self.error: BaseException | None = None
+
+
+class UseRecorder:
+    """Group commit of uses and their access-log rows, for one engine in one process."""
+
+    def __init__(self, engine: Engine, batch_max: int = BATCH_MAX) -> None:
+        self.engine = engine
+        self.batch_max = batch_max
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Use] = []
+        self._writing = False  # a thread is writing a batch; the next one waits its turn
+        # For tests and diagnostics: transactions and uses written so far.
+        self.batches = 0
+        self.written = 0
+
+    def record(self, link_id: str, now: datetime, recipient: str | None, action: str) -> bool:
+        """Count one use of a live link and log the access ("ok"), or log it as "dead" if
+        the link is no longer live (revoked, paused, expired, used up or locked out since it
+        was read). True if the use was counted. Returns once the row is committed."""
+        use = _Use(link_id, now, recipient, action)
+        with self._cond:
+            self._queue.append(use)
+            if self._writing:
+                while use.state == _WAITING:
+                    self._cond.wait()
+                if use.state == _DONE:
+                    return self._result(use)
+            self._writing = True
+            batch = self._queue[: self.batch_max]
+            del self._queue[: self.batch_max]
+        try:
+            self._write_batch(batch)
+        except BaseException:  # not an error of the database: interrupted
+            for each in batch:
+                if each is not use and each.error is None:
+                    each.error = BatchFailed("the transaction carrying this use was interrupted")
+            raise
+        finally:
+            with self._cond:
+                for each in batch:
+                    each.state = _DONE
+                if self._queue:
+                    self._queue[0].state = _LEADING  # the oldest waiter writes the next batch
+                else:
+                    self._writing = False
+                self._cond.notify_all()
+        return self._result(use)
+
+    @staticmethod
+    def _result(use: _Use) -> bool:
+        if use.error is not None:
+            raise use.error  # this use's own error: each is raised in one thread only
+        return use.counted
+
+    def _write_batch(self, batch: Sequence[_Use]) -> None:
+        """Write the batch, or if that fails, each use alone: one use that cannot be
+        written (its link deleted meanwhile, say) must not fail the others."""
+        try:
+            self._write(batch)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+        for use in batch:
+            try:
+                self._write([use])
+            except Exception as exc:
+                use.error = exc
+
+    def _write(self, batch: Sequence[_Use]) -> None:
+        with RawTransaction(self.engine) as tx:
+            by_link: dict[str, list[_Use]] = {}
+            for use in batch:
+                by_link.setdefault(use.link_id, []).append(use)
+            for link_id, uses in by_link.items():
+                if len(uses) > 1 and (
+                    _SPEND_USES.first(
+                        tx,
+                        {"link_id": link_id, "now": max(u.now for u in uses), "n": len(uses)},
+                    )
+                    is not None
+                ):
+                    for use in uses:
+                        use.counted = True
+                    continue
+                for use in uses:
+                    use.counted = (
+                        SPEND_USE.first(tx, {"link_id": link_id, "now": use.now}) is not None
+                    )
+            LOG_ACCESS.run_many(
+                tx,
+                [
+                    access_row(
+                        u.link_id, u.now, u.recipient, u.action, "ok" if u.counted else "dead"
+                    )
+                    for u in batch
+                ],
+            )
+            tx.commit()
+        self.batches += 1
+        self.written += len(batch)
