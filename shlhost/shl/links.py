@@ -216,17 +216,26 @@ def _iso(when: datetime | None) -> str | None:
 class LinkService:
     def __init__(
         self,
-        session: Session,
+        session: Session | Callable[[], Session],
         blobs: BlobStore,
         settings: LinkSettings,
         uses: UseRecorder | None = None,
     ) -> None:
-        self.session = session
+        # A session, or how to get one: the data plane's requests mostly never need one.
+        self._session = session if isinstance(session, Session) else None
+        self._get_session = None if isinstance(session, Session) else session
         self.blobs = blobs
         self.settings = settings
         # The process's shared recorder batches the uses of concurrent requests; without
         # one, each use is its own transaction.
         self._uses = uses
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            assert self._get_session is not None
+            self._session = self._get_session()
+        return self._session
 
     @property
     def uses(self) -> UseRecorder:
@@ -380,6 +389,8 @@ class LinkService:
 
     def _transaction(self) -> RawTransaction | None:
         """A RawTransaction on the session's engine, unless the session is already busy."""
+        if self._session is None and self._uses is not None:
+            return RawTransaction(self._uses.engine)  # no session yet, so none is busy
         bind = self.session.get_bind()
         if isinstance(bind, Engine) and not self.session.in_transaction():
             return RawTransaction(bind)
