@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 workers = int(os.environ.get("SHLHOST_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
-worker_class = "gthread"
+# gthread, except that keep-alive connections are spread over the workers (see the module).
+worker_class = "shlhost.gunicorn_worker.FairThreadWorker"
 threads = int(os.environ.get("SHLHOST_THREADS", 4))
 timeout = 120
 graceful_timeout = 30
@@ -78,6 +79,12 @@ def on_starting(server: Any) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.db"):
             stale.unlink()
+
+
+def post_worker_init(worker: Any) -> None:
+    # gunicorn says when it forks a worker; this says when the worker has loaded the app
+    # and starts accepting (benchmarks wait for every worker; operators see slow boots).
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
 def child_exit(server: Any, worker: Any) -> None:

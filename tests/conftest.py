@@ -201,10 +201,17 @@ class LiveServer:
                 self.log.close()
                 raise RuntimeError(f"gunicorn exited early:\n{output}")
             try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                # Ready once every worker has loaded the app (gunicorn_conf.py says so).
+                if (
+                    requests.get(self.url + "/readyz", timeout=1).status_code == 200
+                    # read through a file of its own: output() moves the offset gunicorn
+                    # writes at
+                    and Path(self.log.name).read_text().count("Worker ready (pid:") >= workers
+                ):
                     return
             except requests.RequestException:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not become ready:\n{self.output()}")
 
