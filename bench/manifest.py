@@ -465,7 +465,7 @@ class Database:
 class Server:
     """The production server: gunicorn with shlhost's own config file, on 127.0.0.1."""
 
-    def __init__(self, db_url: str, workdir: Path, workers: int, threads: int) -> None:
+    def __init__(self, db_url: str, workdir: Path, workers: int | None, threads: int) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = workdir / "gunicorn.log"
@@ -487,8 +487,8 @@ class Server:
         })
         conf = ROOT / "shlhost" / "gunicorn_conf.py"
         self.cmd = [sys.executable, "-m", "gunicorn", "-c", str(conf),
-                    "-b", f"{HOST}:{self.port}", "-w", str(workers), "--threads", str(threads),
-                    "shlhost.wsgi:app"]
+                    "-b", f"{HOST}:{self.port}", "--threads", str(threads),
+                    *(["-w", str(workers)] if workers else []), "shlhost.wsgi:app"]
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -503,12 +503,25 @@ class Server:
                 raise BenchError(f"gunicorn exited early:\n{self.log_tail()}")
             try:
                 status, _body = http_call(self.port, "GET", "/readyz", timeout=1)
-                if status == 200:
+                # Every worker, not just the first: connections opened while some are
+                # still loading the app would all go to the ones that are up.
+                if status == 200 and 0 < len(self.workers()) <= self.workers_ready():
                     return
             except OSError:
                 pass
             time.sleep(0.2)
         raise BenchError(f"gunicorn did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def workers(self) -> list[str]:
+        """The worker processes' ids."""
+        return Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+
+    def workers_ready(self) -> int:
+        """Workers that have loaded the app (gunicorn_conf.py's post_worker_init line)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("Worker ready (pid:")
+        except OSError:
+            return 0
 
     @property
     def pid(self) -> int:
@@ -602,8 +615,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Manifest throughput of shlhost against its trivial endpoint, same run.")
     p.add_argument("--database-url", help="PostgreSQL url (a fresh schema is made and dropped); "
                                           "default: SQLite in a temporary folder")
-    p.add_argument("--workers", type=int, default=cpus,
-                   help=f"gunicorn worker processes (default: CPU count, {cpus})")
+    p.add_argument("--workers", type=int,
+                   help="gunicorn worker processes (default: as shlhost/gunicorn_conf.py "
+                        "decides, min(4, 2 x CPUs))")
     p.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
     p.add_argument("--connections", type=int, default=16,
                    help="concurrent client connections (default 16)")
@@ -618,7 +632,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "updates the same row, the worst case)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
-    if min(args.workers, args.threads, args.connections, args.links) < 1 or args.duration <= 0:
+    if min(args.workers or 1, args.threads, args.connections, args.links) < 1 or args.duration <= 0:
         p.error("workers, threads, connections, links and duration must be positive")
     return args
 
@@ -712,6 +726,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         db.create()
         server = Server(db.url, workdir, args.workers, args.threads)
         server.start()
+        workers = len(server.workers())
         links = [create_link(server.port) for _ in range(args.links)]
         for link in links:
             check_manifest(server.port, link)
@@ -757,7 +772,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"cpus": cpus, "platform": platform.platform(),
                         "python": platform.python_version(),
                         "loadavg_1m_before": load_before, "loadavg_1m_after": loadavg()},
-            "server": {"gunicorn": "gthread", "workers": args.workers, "threads": args.threads,
+            "server": {"gunicorn": "FairThreadWorker (gthread)", "workers": workers,
+                       "threads": args.threads,
                        "rate_limit": False, "env": "testing"},
             "database": db.label,
             "loader": loader_label,
