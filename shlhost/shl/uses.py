@@ -105,7 +105,7 @@ _WAITING, _LEADING, _DONE = 0, 1, 2
 
 
 class _Use:
-    __slots__ = ("link_id", "now", "recipient", "action", "state", "counted", "error")
+    __slots__ = ("link_id", "now", "recipient", "action", "state", "counted", "error", "wake")
 
     def __init__(self, link_id: str, now: datetime, recipient: str | None, action: str) -> None:
         self.link_id = link_id
@@ -115,6 +115,9 @@ class _Use:
         self.state = _WAITING
         self.counted = False
         self.error: BaseException | None = None
+        # Held while the use waits: the writer releases it once, when the use is done or
+        # is to write the next batch (so each waiter is woken once, and only when needed).
+        self.wake: threading.Lock | None = None
 
 
 class UseRecorder:
@@ -123,7 +126,7 @@ class UseRecorder:
     def __init__(self, engine: Engine, batch_max: int = BATCH_MAX) -> None:
         self.engine = engine
         self.batch_max = batch_max
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # guards the queue and the writing flag
         self._queue: list[_Use] = []
         self._writing = False  # a thread is writing a batch; the next one waits its turn
         # For tests and diagnostics: transactions and uses written so far.
@@ -135,14 +138,19 @@ class UseRecorder:
         the link is no longer live (revoked, paused, expired, used up or locked out since it
         was read). True if the use was counted. Returns once the row is committed."""
         use = _Use(link_id, now, recipient, action)
-        with self._cond:
+        with self._lock:
             self._queue.append(use)
-            if self._writing:
-                while use.state == _WAITING:
-                    self._cond.wait()
-                if use.state == _DONE:
-                    return self._result(use)
-            self._writing = True
+            wait = self._writing
+            if wait:
+                use.wake = threading.Lock()
+                use.wake.acquire()
+            else:
+                self._writing = True
+        if wait:
+            use.wake.acquire()  # type: ignore[union-attr] - set above
+            if use.state == _DONE:
+                return self._result(use)
+        with self._lock:  # this thread writes the next batch, its own use first
             batch = self._queue[: self.batch_max]
             del self._queue[: self.batch_max]
         try:
@@ -153,14 +161,19 @@ class UseRecorder:
                     each.error = BatchFailed("the transaction carrying this use was interrupted")
             raise
         finally:
-            with self._cond:
+            with self._lock:
                 for each in batch:
                     each.state = _DONE
-                if self._queue:
-                    self._queue[0].state = _LEADING  # the oldest waiter writes the next batch
+                leader = self._queue[0] if self._queue else None
+                if leader is not None:
+                    leader.state = _LEADING  # the oldest waiter writes the next batch
                 else:
                     self._writing = False
-                self._cond.notify_all()
+            for each in batch:
+                if each.wake is not None and each is not use:
+                    each.wake.release()
+            if leader is not None:
+                leader.wake.release()  # type: ignore[union-attr] - every queued use waits
         return self._result(use)
 
     @staticmethod

@@ -92,7 +92,7 @@ def recorder(engine: Engine) -> UseRecorder:
 
 
 def queued(recorder: UseRecorder) -> int:
-    with recorder._cond:  # noqa: SLF001 - the test waits for the queue to fill
+    with recorder._lock:  # noqa: SLF001 - the test waits for the queue to fill
         return len(recorder._queue)  # noqa: SLF001
 
 
