@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shlhost import config as config_mod
 from shlhost.crypto.passcodes import hasher
-from shlhost.shl.links import LinkSettings
+from shlhost.shl.links import LinkSettings, LiveLinkCache
 from shlhost.shl.tickets import derive_secret
 from shlhost.shl.uses import UseRecorder
 from shlhost.storage.blobs import BlobStore, make_blob_store
@@ -35,6 +35,7 @@ class Runtime:
     links: LinkSettings
     hasher: PasswordHasher
     uses: UseRecorder
+    link_cache: LiveLinkCache
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -72,6 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         ),
         hasher=ph,
         uses=UseRecorder(engine),
+        link_cache=LiveLinkCache(),
     )
 
     from shlhost import logs, metrics

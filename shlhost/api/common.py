@@ -27,7 +27,7 @@ def db() -> Session:
 
 def links() -> LinkService:
     rt = runtime()
-    return LinkService(db, rt.blobs, rt.links, rt.uses)
+    return LinkService(db, rt.blobs, rt.links, rt.uses, rt.link_cache)
 
 
 def now() -> datetime:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hmac
 import json
+import threading
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile, link_status
-from shlhost.shl.uses import LOG_ACCESS, SPEND_USE, UseRecorder, access_row
+from shlhost.shl.uses import DEAD, LOG_ACCESS, OK, UseRecorder, access_row
 from shlhost.storage.rawsql import RawStatement, RawTransaction
 
 
@@ -213,6 +214,42 @@ def _iso(when: datetime | None) -> str | None:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z") if when else None
 
 
+LiveLink = namedtuple("LiveLink", ("long_term", "files", "version", "exp"))
+
+
+class LiveLinkCache:
+    """What this process last read of links that are served often and need nothing but
+    their files: no passcode (argon2 dwarfs a read), no use limit (a used-up link must
+    read as such), not U (a U link has no manifest). A manifest request for such a link
+    counts its use with the ``updated_at`` it read (``UseRecorder.record``'s ``version``):
+    if the link or its files have changed since (every change moves ``updated_at``; a
+    pause, a revocation, a new file), nothing is counted and the request reads the link
+    again; expiry is checked before. So the answer is what a fresh read would have given,
+    without the read. Bounded: the oldest entry goes first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[str, LiveLink] = {}
+        self._lock = threading.Lock()  # for put and forget; get reads without it
+
+    @staticmethod
+    def keeps(link: Any) -> bool:
+        return link.passcode_hash is None and link.max_uses is None and not link.direct
+
+    def get(self, link_id: str) -> LiveLink | None:
+        return self._entries.get(link_id)
+
+    def put(self, link_id: str, entry: LiveLink) -> None:
+        with self._lock:
+            if link_id not in self._entries and len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[link_id] = entry
+
+    def forget(self, link_id: str) -> None:
+        with self._lock:
+            self._entries.pop(link_id, None)
+
+
 class LinkService:
     def __init__(
         self,
@@ -220,6 +257,7 @@ class LinkService:
         blobs: BlobStore,
         settings: LinkSettings,
         uses: UseRecorder | None = None,
+        cache: LiveLinkCache | None = None,
     ) -> None:
         # A session, or how to get one: the data plane's requests mostly never need one.
         self._session = session if isinstance(session, Session) else None
@@ -229,6 +267,7 @@ class LinkService:
         # The process's shared recorder batches the uses of concurrent requests; without
         # one, each use is its own transaction.
         self._uses = uses
+        self._cache = cache
 
     @property
     def session(self) -> Session:
@@ -438,12 +477,22 @@ class LinkService:
         self._commit(tx)
         return DeadLink()
 
-    def _spend_use(self, link_id: str, now: datetime, recipient: str | None, action: str) -> None:
+    def _spend_use(
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        version: datetime | None = None,
+    ) -> bool:
         """Count one use and log the access, committed with the other requests' that arrive
         meanwhile; the uniform dead link if the link stopped being live since it was read
-        (logged as such). No transaction may be open: the recorder writes on its own."""
-        if not self.uses.record(link_id, now, recipient, action):
+        (logged as such). False, with nothing written, if ``version`` is given and the link
+        has changed since. No transaction may be open: the recorder writes on its own."""
+        outcome = self.uses.record(link_id, now, recipient, action, version)
+        if outcome == DEAD:
             raise DeadLink()
+        return outcome == OK
 
     def _spend_attempt(
         self, link_id: str, now: datetime, tx: RawTransaction | None = None
@@ -491,6 +540,19 @@ class LinkService:
             )
         if passcode is not None and not isinstance(passcode, str):
             raise BadRequest("passcode must be a string", code="invalid_passcode")
+        seen = self._cache.get(link_id) if self._cache is not None else None
+        if seen is not None:
+            assert self._cache is not None
+            if seen.exp is None or seen.exp > now:
+                try:
+                    if self._spend_use(link_id, now, recipient, "manifest", seen.version):
+                        return self._manifest_body(
+                            link_id, seen.long_term, seen.files, embedded_max, now
+                        )
+                except DeadLink:
+                    self._cache.forget(link_id)
+                    raise
+            self._cache.forget(link_id)  # changed, or expired: read it again
         tx = self._transaction()
         try:
             link, files = self._live_link(link_id, now, recipient, "manifest", tx)
@@ -518,6 +580,8 @@ class LinkService:
         finally:
             if tx is not None:
                 tx.close()  # rolls back whatever an error left open
+        if self._cache is not None and LiveLinkCache.keeps(link):
+            self._cache.put(link_id, LiveLink(bool(link.long_term), files, link.updated_at, link.exp))
         self._spend_use(link_id, now, recipient, "manifest")
         return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
 
@@ -854,6 +918,7 @@ _LOAD_LINK = RawStatement(
         _LINKS.c.direct,
         _LINKS.c.long_term,
         _LINKS.c.passcode_hash,
+        _LINKS.c.updated_at,
         *(_FILES.c[name].label(f"file_{name}") for name in _FILE_COLUMNS),
     )
     .select_from(_LINKS.outerjoin(_FILES, _FILES.c.link_id == _LINKS.c.id))

@@ -20,6 +20,12 @@ In a batch, the uses of one link are counted with one conditional ``UPDATE`` whe
 them fit (live link, ``uses + n <= max_uses``); otherwise one at a time, in arrival order,
 so exactly the uses that are left are granted. All the access-log rows go in with one
 ``executemany``.
+
+A request may name the version of the link it read (its ``updated_at``, which every change
+of the link or its files moves): the use is then counted only if the link is still that
+version, in the same ``UPDATE``, and otherwise nothing is written and the request learns it
+must read the link again (``STALE``). That is what lets the manifest serve a link from
+what this process read of it before (``shlhost.shl.links.LiveLinkCache``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, or_, update
+from sqlalchemy import Engine, bindparam, insert, or_, select, update
 
 from shlhost.storage.models import Access, Link
 from shlhost.storage.rawsql import RawStatement, RawTransaction
@@ -39,28 +45,40 @@ RECIPIENT_MAX = 200
 # Uses written by one transaction at most; the rest wait for the next one.
 BATCH_MAX = 64
 
+# What a request's use came to.
+OK, DEAD, STALE = "ok", "dead", "stale"
+
 _LINKS, _ACCESS = Link.__table__, Access.__table__
 _ID, _NOW, _N = bindparam("link_id"), bindparam("now"), bindparam("n")
+_VERSION = bindparam("version", type_=_LINKS.c.updated_at.type)
 
-# A use or an attempt is not a change: updated_at is set to itself to keep its onupdate away.
-SPEND_USE = RawStatement(
-    update(_LINKS)
-    .where(_LINKS.c.id == _ID, Link.live(_NOW))
-    .values(uses=_LINKS.c.uses + 1, updated_at=_LINKS.c.updated_at)
-    .returning(_LINKS.c.uses)
-)
-# ``n`` uses at once, only if all of them fit.
-_SPEND_USES = RawStatement(
-    update(_LINKS)
-    .where(
+
+def _spend(n: int | None, versioned: bool) -> RawStatement:
+    """Count one use (``n`` None) or ``n`` uses, only if all of them fit, of a live link;
+    ``versioned``: only if the link is still the version the request read (``updated_at``
+    changes with every change of the link or its files, never with a use or an attempt:
+    those set it to itself, to keep its onupdate away)."""
+    uses = 1 if n is None else _N
+    conditions = [
         _LINKS.c.id == _ID,
         Link.servable(_NOW),
         or_(_LINKS.c.attempts_left.is_(None), _LINKS.c.attempts_left > 0),
-        or_(_LINKS.c.max_uses.is_(None), _LINKS.c.uses + _N <= _LINKS.c.max_uses),
+        or_(_LINKS.c.max_uses.is_(None), _LINKS.c.uses + uses <= _LINKS.c.max_uses),
+    ]
+    if versioned:
+        conditions.append(_LINKS.c.updated_at == _VERSION)
+    return RawStatement(
+        update(_LINKS)
+        .where(*conditions)
+        .values(uses=_LINKS.c.uses + uses, updated_at=_LINKS.c.updated_at)
+        .returning(_LINKS.c.uses)
     )
-    .values(uses=_LINKS.c.uses + _N, updated_at=_LINKS.c.updated_at)
-    .returning(_LINKS.c.uses)
-)
+
+
+# [versioned][several]
+_SPEND = ((_spend(None, False), _spend(1, False)), (_spend(None, True), _spend(1, True)))
+SPEND_USE = _SPEND[0][0]
+_CURRENT_VERSION = RawStatement(select(_LINKS.c.updated_at).where(_LINKS.c.id == _ID))
 LOG_ACCESS = RawStatement(
     insert(_ACCESS).values(
         {
@@ -105,15 +123,25 @@ _WAITING, _LEADING, _DONE = 0, 1, 2
 
 
 class _Use:
-    __slots__ = ("link_id", "now", "recipient", "action", "state", "counted", "error", "wake")
+    __slots__ = (
+        "link_id", "now", "recipient", "action", "version", "state", "outcome", "error", "wake"
+    )
 
-    def __init__(self, link_id: str, now: datetime, recipient: str | None, action: str) -> None:
+    def __init__(
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        version: datetime | None,
+    ) -> None:
         self.link_id = link_id
         self.now = now
         self.recipient = recipient
         self.action = action
+        self.version = version
         self.state = _WAITING
-        self.counted = False
+        self.outcome = DEAD
         self.error: BaseException | None = None
         # Held while the use waits: the writer releases it once, when the use is done or
         # is to write the next batch (so each waiter is woken once, and only when needed).
@@ -133,11 +161,20 @@ class UseRecorder:
         self.batches = 0
         self.written = 0
 
-    def record(self, link_id: str, now: datetime, recipient: str | None, action: str) -> bool:
-        """Count one use of a live link and log the access ("ok"), or log it as "dead" if
-        the link is no longer live (revoked, paused, expired, used up or locked out since it
-        was read). True if the use was counted. Returns once the row is committed."""
-        use = _Use(link_id, now, recipient, action)
+    def record(
+        self,
+        link_id: str,
+        now: datetime,
+        recipient: str | None,
+        action: str,
+        version: datetime | None = None,
+    ) -> str:
+        """Count one use of a live link and log the access: ``OK``. ``DEAD`` if the link is
+        no longer live (revoked, paused, expired, used up or locked out since it was read),
+        logged as such. With ``version`` (the ``updated_at`` the request read): ``STALE``,
+        with nothing counted or logged, if the link has changed since. Returns once the
+        row is committed."""
+        use = _Use(link_id, now, recipient, action, version)
         with self._lock:
             self._queue.append(use)
             wait = self._writing
@@ -177,10 +214,32 @@ class UseRecorder:
         return self._result(use)
 
     @staticmethod
-    def _result(use: _Use) -> bool:
+    def _result(use: _Use) -> str:
         if use.error is not None:
             raise use.error  # this use's own error: each is raised in one thread only
-        return use.counted
+        return use.outcome
+
+    @staticmethod
+    def _spend_group(
+        tx: RawTransaction, link_id: str, version: datetime | None, uses: list[_Use]
+    ) -> None:
+        """The outcome of each of ``uses``: all at once if they all fit, else in order."""
+        one, several = _SPEND[version is not None]
+        params: dict[str, Any] = {"link_id": link_id, "version": version}
+        if len(uses) > 1:
+            params.update(now=max(u.now for u in uses), n=len(uses))
+            if several.first(tx, params) is not None:
+                for use in uses:
+                    use.outcome = OK
+                return
+        for use in uses:
+            params["now"] = use.now
+            use.outcome = OK if one.first(tx, params) is not None else DEAD
+        if version is not None and uses[-1].outcome == DEAD:
+            current = _CURRENT_VERSION.first(tx, {"link_id": link_id})
+            if current is not None and current.updated_at != version:
+                for use in uses:  # none was counted: the version test failed for each
+                    use.outcome = STALE
 
     def _write_batch(self, batch: Sequence[_Use]) -> None:
         """Write the batch, or if that fails, each use alone: one use that cannot be
@@ -200,31 +259,17 @@ class UseRecorder:
 
     def _write(self, batch: Sequence[_Use]) -> None:
         with RawTransaction(self.engine) as tx:
-            by_link: dict[str, list[_Use]] = {}
+            groups: dict[tuple[str, datetime | None], list[_Use]] = {}
             for use in batch:
-                by_link.setdefault(use.link_id, []).append(use)
-            for link_id, uses in by_link.items():
-                if len(uses) > 1 and (
-                    _SPEND_USES.first(
-                        tx,
-                        {"link_id": link_id, "now": max(u.now for u in uses), "n": len(uses)},
-                    )
-                    is not None
-                ):
-                    for use in uses:
-                        use.counted = True
-                    continue
-                for use in uses:
-                    use.counted = (
-                        SPEND_USE.first(tx, {"link_id": link_id, "now": use.now}) is not None
-                    )
+                groups.setdefault((use.link_id, use.version), []).append(use)
+            for (link_id, version), uses in groups.items():
+                self._spend_group(tx, link_id, version, uses)
             LOG_ACCESS.run_many(
                 tx,
                 [
-                    access_row(
-                        u.link_id, u.now, u.recipient, u.action, "ok" if u.counted else "dead"
-                    )
+                    access_row(u.link_id, u.now, u.recipient, u.action, u.outcome)
                     for u in batch
+                    if u.outcome != STALE
                 ],
             )
             tx.commit()

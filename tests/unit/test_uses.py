@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from shlhost.shl.uses import UseRecorder
+from shlhost.shl.uses import DEAD, OK, STALE, UseRecorder
 from shlhost.storage.models import Access, Link
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -128,7 +128,7 @@ def record_in_threads(
 
 def test_a_lone_use_is_written_at_once(session: Session, recorder: UseRecorder) -> None:
     link_id = make_link(session)
-    assert recorder.record(link_id, NOW, "Dr Lone", "manifest") is True
+    assert recorder.record(link_id, NOW, "Dr Lone", "manifest") == OK
     assert uses_of(session, link_id) == 1
     assert log_of(session, link_id) == [("Dr Lone", "manifest", "ok")]
     assert (recorder.batches, recorder.written) == (1, 1)
@@ -140,7 +140,7 @@ def test_uses_that_arrive_together_share_one_transaction(
     link_id, other = make_link(session), make_link(session)
     uses = [(link_id, "first")] + [(link_id if i % 3 else other, f"r{i}") for i in range(1, 9)]
     results = record_in_threads(recorder, engine, link_id, uses)
-    assert results == [True] * 9
+    assert results == [OK] * 9
     # The first alone (it was writing while the others came), then the eight together.
     assert (recorder.batches, recorder.written) == (2, 9)
     assert uses_of(session, link_id) == 7
@@ -155,7 +155,7 @@ def test_a_batch_grants_exactly_the_uses_that_are_left(
     link_id = make_link(session, max_uses=4)
     results = record_in_threads(recorder, engine, link_id, [(link_id, f"r{i}") for i in range(7)])
     # r0 alone, then six in one batch: all six do not fit, so one at a time, in order.
-    assert results == [True, True, True, True, False, False, False]
+    assert results == [OK, OK, OK, OK, DEAD, DEAD, DEAD]
     assert uses_of(session, link_id) == 4
     assert log_of(session, link_id) == [
         (f"r{i}", "manifest", "ok" if i < 4 else "dead") for i in range(7)
@@ -170,7 +170,7 @@ def test_a_link_that_died_since_it_was_read_is_logged_dead(
     revoked = make_link(session, revoked_at=NOW - timedelta(days=1))
     locked = make_link(session, passcode_hash="x", attempts_left=0)
     for link_id in (expired, paused, revoked, locked):
-        assert recorder.record(link_id, NOW, "late", "direct") is False
+        assert recorder.record(link_id, NOW, "late", "direct") == DEAD
         assert uses_of(session, link_id) == 0
         assert log_of(session, link_id) == [("late", "direct", "dead")]
 
@@ -183,7 +183,7 @@ def test_one_use_that_cannot_be_written_does_not_fail_its_batch(
     results = record_in_threads(
         recorder, engine, link_id, [(link_id, "a"), (link_id, "b"), (gone, "c"), (link_id, "d")]
     )
-    assert results[:2] == [True, True] and results[3] is True
+    assert results[:2] == [OK, OK] and results[3] == OK
     assert isinstance(results[2], Exception)
     assert uses_of(session, link_id) == 3
     assert [r for r, _a, _o in log_of(session, link_id)] == ["a", "b", "d"]
@@ -194,7 +194,7 @@ def test_many_threads_count_every_use_once(
     session: Session, engine: Engine, recorder: UseRecorder
 ) -> None:
     link_id = make_link(session, max_uses=150)
-    results: list[bool] = []
+    results: list[str] = []
     lock = threading.Lock()
 
     def hammer() -> None:
@@ -209,8 +209,79 @@ def test_many_threads_count_every_use_once(
     for t in threads:
         t.join(60)
     assert len(results) == 200
-    assert results.count(True) == 150
+    assert results.count(OK) == 150
     assert uses_of(session, link_id) == 150
     outcomes = [o for _r, _a, o in log_of(session, link_id)]
     assert outcomes.count("ok") == 150 and outcomes.count("dead") == 50
     assert recorder.written == 200
+
+
+def version_of(session: Session, link_id: str) -> datetime:
+    try:
+        found = session.scalar(select(Link.updated_at).where(Link.id == link_id))
+        assert found is not None
+        return found
+    finally:
+        session.rollback()
+
+
+def test_a_use_of_the_version_read_is_counted(session: Session, recorder: UseRecorder) -> None:
+    link_id = make_link(session)
+    seen = version_of(session, link_id)
+    assert recorder.record(link_id, NOW, "Dr Same", "manifest", seen) == OK
+    assert recorder.record(link_id, NOW, "Dr Same", "manifest", seen) == OK  # uses keep it
+    assert uses_of(session, link_id) == 2
+    assert version_of(session, link_id) == seen
+
+
+def test_a_link_changed_since_it_was_read_writes_nothing(
+    session: Session, recorder: UseRecorder
+) -> None:
+    link_id = make_link(session)
+    seen = version_of(session, link_id)
+    session.execute(
+        update(Link).where(Link.id == link_id).values(label="new", updated_at=seen + timedelta(seconds=1))
+    )
+    session.commit()
+    assert recorder.record(link_id, NOW, "Dr Stale", "manifest", seen) == STALE
+    assert uses_of(session, link_id) == 0
+    assert log_of(session, link_id) == []
+    # A paused link that also changed is stale too: the request reads it again and finds
+    # it paused, then logs that.
+    session.execute(update(Link).where(Link.id == link_id).values(active=False))
+    session.commit()
+    assert recorder.record(link_id, NOW, "Dr Stale", "manifest", seen) == STALE
+    # Of the version it now is, it is dead (and logged so).
+    now_seen = version_of(session, link_id)
+    assert recorder.record(link_id, NOW, "Dr Late", "manifest", now_seen) == DEAD
+    assert log_of(session, link_id) == [("Dr Late", "manifest", "dead")]
+
+
+def test_stale_and_current_uses_in_one_batch(
+    session: Session, engine: Engine, recorder: UseRecorder
+) -> None:
+    link_id = make_link(session)
+    current = version_of(session, link_id)
+    old = current - timedelta(seconds=5)
+    held = Held(engine, link_id)
+    results: dict[str, str] = {}
+    threads = []
+    try:
+        for name, version in (("first", current), ("old-1", old), ("new-1", current),
+                              ("old-2", old), ("new-2", current)):
+            t = threading.Thread(
+                target=lambda n=name, v=version: results.__setitem__(
+                    n, recorder.record(link_id, NOW, n, "manifest", v)
+                )
+            )
+            t.start()
+            threads.append(t)
+            wait_for(lambda k=len(threads): queued(recorder) == k - 1)
+    finally:
+        held.release()
+    for t in threads:
+        t.join(30)
+    assert results == {"first": OK, "old-1": STALE, "new-1": OK, "old-2": STALE, "new-2": OK}
+    assert recorder.batches == 2
+    assert uses_of(session, link_id) == 3
+    assert [r for r, _a, _o in log_of(session, link_id)] == ["first", "new-1", "new-2"]
