@@ -122,6 +122,11 @@ class BatchFailed(RuntimeError):
 _WAITING, _LEADING, _DONE = 0, 1, 2
 
 
+def _lock_order(group: tuple[str, datetime | None]) -> tuple[str, bool, datetime | None]:
+    link_id, version = group
+    return (link_id, version is not None, version)
+
+
 class _Use:
     __slots__ = (
         "link_id", "now", "recipient", "action", "version", "state", "outcome", "error", "wake"
@@ -160,6 +165,7 @@ class UseRecorder:
         # For tests and diagnostics: transactions and uses written so far.
         self.batches = 0
         self.written = 0
+        self.split = 0  # batches that failed and were written one use at a time
 
     def record(
         self,
@@ -251,6 +257,7 @@ class UseRecorder:
             if len(batch) == 1:
                 batch[0].error = exc
                 return
+        self.split += 1
         for use in batch:
             try:
                 self._write([use])
@@ -262,8 +269,11 @@ class UseRecorder:
             groups: dict[tuple[str, datetime | None], list[_Use]] = {}
             for use in batch:
                 groups.setdefault((use.link_id, use.version), []).append(use)
-            for (link_id, version), uses in groups.items():
-                self._spend_group(tx, link_id, version, uses)
+            # Links in one order in every transaction of every process: two batches that
+            # lock the same rows in opposite orders would deadlock (PostgreSQL ends one
+            # after deadlock_timeout, a second).
+            for link_id, version in sorted(groups, key=_lock_order):
+                self._spend_group(tx, link_id, version, groups[link_id, version])
             LOG_ACCESS.run_many(
                 tx,
                 [

@@ -285,3 +285,40 @@ def test_stale_and_current_uses_in_one_batch(
     assert recorder.batches == 2
     assert uses_of(session, link_id) == 3
     assert [r for r, _a, _o in log_of(session, link_id)] == ["first", "new-1", "new-2"]
+
+
+def test_batches_over_several_links_never_deadlock(engine: Engine, database_url: str) -> None:
+    """Two processes' recorders (two engines), each batching uses of the same links in
+    every order: rows are locked in one order, so no batch is ever aborted (PostgreSQL
+    would abort one of two deadlocked transactions; the recorder would then split it)."""
+    from shlhost.storage.db import make_engine, make_sessionmaker
+
+    second = make_engine(database_url)
+    recorders = [UseRecorder(engine), UseRecorder(second)]
+    with make_sessionmaker(engine)() as session:
+        links = [make_link(session) for _ in range(4)]
+    failures: list[BaseException] = []
+
+    def hammer(recorder: UseRecorder, offset: int) -> None:
+        try:
+            for i in range(80):
+                link_id = links[(i * (offset + 1) + offset) % len(links)]
+                assert recorder.record(link_id, NOW, f"r{offset}-{i}", "manifest") == OK
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    try:
+        threads = [
+            threading.Thread(target=hammer, args=(recorders[n % 2], n)) for n in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert failures == []
+        assert sum(r.written for r in recorders) == 8 * 80
+        assert [r.split for r in recorders] == [0, 0]
+        with make_sessionmaker(engine)() as session:
+            assert sum(uses_of(session, link_id) for link_id in links) == 8 * 80
+    finally:
+        second.dispose()
