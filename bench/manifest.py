@@ -7,8 +7,9 @@ Run from the repository root::
 
 What it does, in order: make a temporary instance folder; run the real migrations (on a
 fresh SQLite file, or in a fresh PostgreSQL schema that is dropped afterwards); start the
-production server (gunicorn with ``shlhost/gunicorn_conf.py``) on 127.0.0.1 with the rate
-limiter off; create one link (or ``--links N``) without passcode carrying one small FHIR
+production server (gunicorn with ``shlhost/gunicorn_conf.py``, its worker count unless
+``--workers``) on 127.0.0.1 with the rate limiter off, and wait until every worker has
+loaded the app; create one link (or ``--links N``) without passcode carrying one small FHIR
 Bundle through ``POST /api/links``; check one manifest answer per link in full (200, the
 file embedded, the JWE decrypts with the link's key); then load each endpoint for a fixed
 time with a fixed number of keep-alive connections and print one table (with the CPU time
