@@ -129,7 +129,8 @@ def _lock_order(group: tuple[str, datetime | None]) -> tuple[str, bool, datetime
 
 class _Use:
     __slots__ = (
-        "link_id", "now", "recipient", "action", "version", "state", "outcome", "error", "wake"
+        "link_id", "now", "recipient", "action", "version",
+        "state", "outcome", "committed", "error", "wake",
     )
 
     def __init__(
@@ -147,6 +148,7 @@ class _Use:
         self.version = version
         self.state = _WAITING
         self.outcome = DEAD
+        self.committed = False
         self.error: BaseException | None = None
         # Held while the use waits: the writer releases it once, when the use is done or
         # is to write the next batch (so each waiter is woken once, and only when needed).
@@ -200,7 +202,7 @@ class UseRecorder:
             self._write_batch(batch)
         except BaseException:  # not an error of the database: interrupted
             for each in batch:
-                if each is not use and each.error is None:
+                if each is not use and each.error is None and not each.committed:
                     each.error = BatchFailed("the transaction carrying this use was interrupted")
             raise
         finally:
@@ -283,5 +285,7 @@ class UseRecorder:
                 ],
             )
             tx.commit()
+        for use in batch:
+            use.committed = True
         self.batches += 1
         self.written += len(batch)
