@@ -13,6 +13,10 @@ has threads, so that the other workers take the next ones. It never refuses work
 every worker is full, each accepts again ``ACCEPT_PAUSE`` seconds after its last accept
 (gunicorn's own ``worker_connections`` cap, by contrast, stops a full worker accepting
 until one of its connections closes).
+
+Written against gunicorn 27's gthread (its run loop reads ``worker_connections`` on every
+turn); tests/live/test_fair_worker.py checks the spread in a real server, so an upgrade
+that changes that loop shows there.
 """
 
 from __future__ import annotations
@@ -46,12 +50,12 @@ class FairThreadWorker(ThreadWorker):  # type: ignore[misc]
     def worker_connections(self, value: int) -> None:
         self._cap = value
 
-    def accept(self, listener: Any) -> None:
+    def accept(self, *args: Any) -> None:  # (listener), or (server, listener) before 27
         self._last_accept = time.monotonic()
-        super().accept(listener)
+        super().accept(*args)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         # While paused, wake in time to accept again when the pause ends.
-        if not self._accepting and self.nr_conns < self._cap:
+        if not getattr(self, "_accepting", True) and self.nr_conns < self._cap:
             timeout = min(timeout, ACCEPT_PAUSE)
         super().wait_for_and_dispatch_events(timeout)
