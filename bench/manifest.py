@@ -611,7 +611,6 @@ def link_uses(port: int, link: BenchLink) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    cpus = os.cpu_count() or 1
     p = argparse.ArgumentParser(
         description="Manifest throughput of shlhost against its trivial endpoint, same run.")
     p.add_argument("--database-url", help="PostgreSQL url (a fresh schema is made and dropped); "

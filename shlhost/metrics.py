@@ -26,7 +26,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-
 # Decided once, as prometheus_client itself decides when it is first imported.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -49,7 +48,9 @@ MANIFESTS = Counter(
     ["outcome"],
 )
 # Each outcome's child, looked up once (the data plane counts one per manifest request).
-MANIFEST_OUTCOMES = {outcome: MANIFESTS.labels(outcome) for outcome in ("ok", "wrong_passcode", "dead")}
+MANIFEST_OUTCOMES = {
+    outcome: MANIFESTS.labels(outcome) for outcome in ("ok", "wrong_passcode", "dead")
+}
 
 bp = Blueprint("metrics", __name__)
 

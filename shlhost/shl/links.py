@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 
 from argon2 import PasswordHasher
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from shlhost.crypto import jwe
@@ -37,9 +37,9 @@ from shlhost.errors import (
 from shlhost.phr.formats import SHL_CONTENT_TYPES, PreparedFile
 from shlhost.shl import payload as shl_payload
 from shlhost.shl import tickets
+from shlhost.shl.uses import DEAD, LOG_ACCESS, OK, UseRecorder, access_row
 from shlhost.storage.blobs import BlobStore
 from shlhost.storage.models import Access, Link, LinkFile, link_status
-from shlhost.shl.uses import DEAD, LOG_ACCESS, OK, UseRecorder, access_row
 from shlhost.storage.rawsql import RawStatement, RawTransaction
 
 
@@ -540,19 +540,9 @@ class LinkService:
             )
         if passcode is not None and not isinstance(passcode, str):
             raise BadRequest("passcode must be a string", code="invalid_passcode")
-        seen = self._cache.get(link_id) if self._cache is not None else None
-        if seen is not None:
-            assert self._cache is not None
-            if seen.exp is None or seen.exp > now:
-                try:
-                    if self._spend_use(link_id, now, recipient, "manifest", seen.version):
-                        return self._manifest_body(
-                            link_id, seen.long_term, seen.files, embedded_max, now
-                        )
-                except DeadLink:
-                    self._cache.forget(link_id)
-                    raise
-            self._cache.forget(link_id)  # changed, or expired: read it again
+        answer = self._manifest_as_seen(link_id, recipient, embedded_max, now)
+        if answer is not None:
+            return answer
         tx = self._transaction()
         try:
             link, files = self._live_link(link_id, now, recipient, "manifest", tx)
@@ -581,9 +571,30 @@ class LinkService:
             if tx is not None:
                 tx.close()  # rolls back whatever an error left open
         if self._cache is not None and LiveLinkCache.keeps(link):
-            self._cache.put(link_id, LiveLink(bool(link.long_term), files, link.updated_at, link.exp))
+            seen = LiveLink(bool(link.long_term), files, link.updated_at, link.exp)
+            self._cache.put(link_id, seen)
         self._spend_use(link_id, now, recipient, "manifest")
         return self._manifest_body(link_id, bool(link.long_term), files, embedded_max, now)
+
+    def _manifest_as_seen(
+        self, link_id: str, recipient: str | None, embedded_max: int | None, now: datetime
+    ) -> dict[str, Any] | None:
+        """The manifest from what this process read of the link before, if the link has
+        not changed since (the use is counted only then); None: read the link."""
+        seen = self._cache.get(link_id) if self._cache is not None else None
+        if seen is None:
+            return None
+        assert self._cache is not None
+        try:
+            if (seen.exp is None or seen.exp > now) and self._spend_use(
+                link_id, now, recipient, "manifest", seen.version
+            ):
+                return self._manifest_body(link_id, seen.long_term, seen.files, embedded_max, now)
+        except DeadLink:
+            self._cache.forget(link_id)
+            raise
+        self._cache.forget(link_id)  # changed, or expired
+        return None
 
     def _manifest_body(
         self,

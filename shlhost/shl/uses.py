@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, or_, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 
 from shlhost.storage.models import Access, Link
 from shlhost.storage.rawsql import RawStatement, RawTransaction
@@ -59,12 +59,7 @@ def _spend(n: int | None, versioned: bool) -> RawStatement:
     changes with every change of the link or its files, never with a use or an attempt:
     those set it to itself, to keep its onupdate away)."""
     uses = 1 if n is None else _N
-    conditions = [
-        _LINKS.c.id == _ID,
-        Link.servable(_NOW),
-        or_(_LINKS.c.attempts_left.is_(None), _LINKS.c.attempts_left > 0),
-        or_(_LINKS.c.max_uses.is_(None), _LINKS.c.uses + uses <= _LINKS.c.max_uses),
-    ]
+    conditions = [_LINKS.c.id == _ID, Link.live(_NOW, uses)]
     if versioned:
         conditions.append(_LINKS.c.updated_at == _VERSION)
     return RawStatement(
@@ -183,16 +178,16 @@ class UseRecorder:
         with nothing counted or logged, if the link has changed since. Returns once the
         row is committed."""
         use = _Use(link_id, now, recipient, action, version)
+        wake = None
         with self._lock:
             self._queue.append(use)
-            wait = self._writing
-            if wait:
-                use.wake = threading.Lock()
-                use.wake.acquire()
+            if self._writing:
+                wake = use.wake = threading.Lock()
+                wake.acquire()
             else:
                 self._writing = True
-        if wait:
-            use.wake.acquire()  # type: ignore[union-attr] - set above
+        if wake is not None:
+            wake.acquire()  # until the writer releases it
             if use.state == _DONE:
                 return self._result(use)
         with self._lock:  # this thread writes the next batch, its own use first
@@ -217,8 +212,8 @@ class UseRecorder:
             for each in batch:
                 if each.wake is not None and each is not use:
                     each.wake.release()
-            if leader is not None:
-                leader.wake.release()  # type: ignore[union-attr] - every queued use waits
+            if leader is not None and leader.wake is not None:  # every queued use waits
+                leader.wake.release()
         return self._result(use)
 
     @staticmethod

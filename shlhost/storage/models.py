@@ -132,12 +132,18 @@ class Link(Base):
         )
 
     @classmethod
-    def live(cls, now: datetime) -> ColumnElement[bool]:
-        """SQL twin of ``status(now) == "active"``, for atomic conditional updates."""
+    def live(cls, now: Any, uses: Any = 1) -> ColumnElement[bool]:
+        """SQL twin of ``status(now) == "active"``, for atomic conditional updates; with
+        ``uses`` (a number or a bind parameter), live with room for that many more uses."""
+        room = (
+            cls.uses < cls.max_uses
+            if isinstance(uses, int) and uses == 1
+            else cls.uses + uses <= cls.max_uses
+        )
         return and_(
             cls.servable(now),
             or_(cls.attempts_left.is_(None), cls.attempts_left > 0),
-            or_(cls.max_uses.is_(None), cls.uses < cls.max_uses),
+            or_(cls.max_uses.is_(None), room),
         )
 
 

@@ -102,7 +102,9 @@ def test_an_expired_link_is_dead_even_from_the_cache(app: Flask, api: Api) -> No
 
     later = datetime.now(UTC) + timedelta(hours=2)
     with app.test_request_context(), pytest.raises(DeadLink):
-        links().manifest(created["id"], recipient="late", passcode=None, embedded_max=None, now=later)
+        links().manifest(
+            created["id"], recipient="late", passcode=None, embedded_max=None, now=later
+        )
     assert log(api, created) == [("manifest", "ok"), ("manifest", "expired")]
 
 

@@ -145,7 +145,9 @@ def test_uses_that_arrive_together_share_one_transaction(
     assert (recorder.batches, recorder.written) == (2, 9)
     assert uses_of(session, link_id) == 7
     assert uses_of(session, other) == 2
-    assert [r for r, _a, _o in log_of(session, link_id)] == ["first", "r1", "r2", "r4", "r5", "r7", "r8"]
+    assert [r for r, _a, _o in log_of(session, link_id)] == [
+        "first", "r1", "r2", "r4", "r5", "r7", "r8"
+    ]
     assert {o for _r, _a, o in log_of(session, other)} == {"ok"}
 
 
@@ -240,7 +242,9 @@ def test_a_link_changed_since_it_was_read_writes_nothing(
     link_id = make_link(session)
     seen = version_of(session, link_id)
     session.execute(
-        update(Link).where(Link.id == link_id).values(label="new", updated_at=seen + timedelta(seconds=1))
+        update(Link)
+        .where(Link.id == link_id)
+        .values(label="new", updated_at=seen + timedelta(seconds=1))
     )
     session.commit()
     assert recorder.record(link_id, NOW, "Dr Stale", "manifest", seen) == STALE
@@ -276,7 +280,8 @@ def test_stale_and_current_uses_in_one_batch(
             )
             t.start()
             threads.append(t)
-            wait_for(lambda k=len(threads): queued(recorder) == k - 1)
+            waiting = len(threads) - 1
+            wait_for(lambda waiting=waiting: queued(recorder) == waiting)
     finally:
         held.release()
     for t in threads:
